@@ -1,0 +1,158 @@
+"""Command line: LightningCLI (fit/validate/test/predict) plus explain, compare and experiment."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from lightning_vgg.callbacks import RunArtifacts
+from lightning_vgg.checkpointing import (
+    AtomicCheckpointIO,
+    check_architecture,
+    find_last_checkpoint,
+    read_checkpoint,
+    run_dir_of_checkpoint,
+)
+from lightning_vgg.data.datamodule import CatsDogsDataModule
+from lightning_vgg.errors import UserError
+from lightning_vgg.models.module import VGGClassifier
+
+#: Subcommands that are not LightningCLI's; each maps to ``fn(argv) -> None``.
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {}
+
+
+class FitConfigSaver(SaveConfigCallback):
+    """Saves ``config.yaml`` for ``fit`` only, overwriting it when a run resumes."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
+
+
+class VGGLightningCLI(LightningCLI):
+    """LightningCLI with the project's defaults, links and run-directory handling."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.image_size", "model.input_size")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunArtifacts, "artifacts")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.filename": "best",
+                "checkpoint.save_last": True,
+                "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.enable_version_counter": False,
+                "trainer.logger": {
+                    "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": "default"},
+                },
+                # KerasBatchSampler shards batches across ranks itself.
+                "trainer.use_distributed_sampler": False,
+            }
+        )
+
+    def _logger_args(self) -> Any:
+        cfg = self.config[self.subcommand]
+        logger = cfg.trainer.logger
+        if logger is None or isinstance(logger, bool) or not hasattr(logger, "init_args"):
+            return None
+        return logger.init_args
+
+    def before_instantiate_classes(self) -> None:
+        """Resolve ``--ckpt_path last`` and point test/validate at the fit run."""
+        cfg = self.config[self.subcommand]
+        ckpt = cfg.get("ckpt_path")
+        largs = self._logger_args()
+        if self.subcommand == "fit" and ckpt == "last" and largs is not None:
+            last = find_last_checkpoint(largs.save_dir, largs.name)
+            if last is None:
+                warnings.warn(
+                    f"no last.ckpt under {Path(largs.save_dir) / largs.name}; starting a new run",
+                    stacklevel=1,
+                )
+                cfg.ckpt_path = None
+            else:
+                cfg.ckpt_path = str(last)
+                largs.version = run_dir_of_checkpoint(last).name
+                print(f"resuming from {last}", file=sys.stderr)
+        elif self.subcommand in ("test", "validate", "predict") and ckpt not in (
+            None,
+            "last",
+            "best",
+        ):
+            ckpt_file = Path(ckpt)
+            if not ckpt_file.is_file():
+                raise UserError(f"checkpoint not found: {ckpt_file}")
+            run_dir = run_dir_of_checkpoint(ckpt_file)
+            split = run_dir / "split.csv"
+            if cfg.data.split_file is None and split.is_file():
+                cfg.data.split_file = str(split)
+            if largs is not None and ckpt_file.parent.name == "checkpoints":
+                largs.save_dir = str(run_dir.parent.parent)
+                largs.name = run_dir.parent.name
+                largs.version = run_dir.name
+
+    def after_instantiate_classes(self) -> None:
+        """Check that a given checkpoint fits the configured network."""
+        if self.subcommand is None:
+            return
+        ckpt = self.config[self.subcommand].get("ckpt_path")
+        if ckpt and Path(str(ckpt)).is_file():
+            hp = read_checkpoint(ckpt).get("hyper_parameters", {})
+            check_architecture(hp, dict(self.model.hparams), ckpt)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """Add atomic checkpoint writes unless the user configured their own IO."""
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
+        if not plugins:
+            kwargs.setdefault("plugins", [AtomicCheckpointIO()])
+        return super().instantiate_trainer(**kwargs)
+
+
+def run_lightning(args: Sequence[str] | None) -> VGGLightningCLI:
+    """Run a LightningCLI subcommand (fit, validate, test, predict)."""
+    return VGGLightningCLI(
+        VGGClassifier,
+        CatsDogsDataModule,
+        seed_everything_default=42,
+        save_config_callback=FitConfigSaver,
+        save_config_kwargs={"overwrite": True},
+        args=list(args) if args is not None else None,
+        parser_kwargs={"prog": "lightning-vgg", "default_env": False, "exit_on_error": False},
+        auto_configure_optimizers=False,
+    )
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """The one entry point, used by ``lightning-vgg``, ``python -m`` and the tests.
+
+    User errors (bad paths, data, checkpoints) print one ``error:`` line and exit 2.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    try:
+        if argv and argv[0] in EXTRA_COMMANDS:
+            EXTRA_COMMANDS[argv[0]](argv[1:])
+        else:
+            run_lightning(None if args is None else argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except argparse.ArgumentError as exc:
+        # jsonargparse's message names the bad key; its usage dump would bury it.
+        command = argv[0] if argv and not argv[0].startswith("-") else ""
+        print(f"error: {exc}", file=sys.stderr)
+        print(f"(see: lightning-vgg {command} --help)".replace("  ", " "), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data: finding, checking and splitting the Cats-vs-Dogs images."""

@@ -1,0 +1,254 @@
+"""LightningDataModule for Cats-vs-Dogs: source, scan, split, Keras augmentation, loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_vgg.data.augment import AugmentConfig, warp_batch
+from lightning_vgg.data.dataset import AugmentBackend, ImageFiles, collate_skip_broken, draw_params
+from lightning_vgg.data.sampler import KerasBatchSampler
+from lightning_vgg.data.sources import DEFAULT_URL, index_source
+from lightning_vgg.data.split import make_split, read_split_csv, write_split_csv
+from lightning_vgg.errors import UserError
+
+Row = tuple[str, int, str]
+SPLITS = ("train", "val", "test")
+
+
+class CatsDogsDataModule(pl.LightningDataModule):
+    """The seed's data pipeline: 17,000 / 4,000 / 4,000 images, Keras augmentation.
+
+    Args:
+        source: A directory, a ``.zip`` file, or an http(s) URL of a zip. The default
+            is the official Microsoft download (about 800 MB), fetched once.
+        cache_dir: Where downloads, extractions and scan results go; defaults to
+            ``$LIGHTNING_VGG_CACHE`` or ``~/.cache/lightning_vgg``.
+        split_sizes: Train, val and test sizes, as counts or as fractions. When there
+            are fewer images than asked for, test takes what is left.
+        split_file: A ``split.csv`` from an earlier run; when given, the source is not
+            scanned and exactly those images are used.
+        seed: Seeds the split, the batch order and the augmentation draws.
+        image_size: Square side the images are resized to (224 in the seed).
+        batch_size: Global training batch size (20 in the seed).
+        eval_batch_size: Validation/test batch size; defaults to ``batch_size``.
+        train_steps_per_epoch: Batches per training epoch, taken from Keras's endless
+            stream (80 in the seed); ``None`` for one full pass.
+        val_steps_per_epoch: Validation batches per epoch, also a shuffled stream as
+            in the seed (20); ``None`` validates on the whole val split.
+        rotation_range: Keras ``rotation_range`` in degrees.
+        shear_range: Keras ``shear_range``, which Keras reads in degrees.
+        zoom_range: Keras ``zoom_range``; zx and zy are drawn from [1-z, 1+z].
+        horizontal_flip: Random horizontal flips.
+        rescale: Multiplies pixel values (1/255 in the seed).
+        augment_backend: ``keras`` (exact, CPU), ``fast`` (OpenCV, CPU) or ``gpu``
+            (batched on the training device).
+        resize: ``nearest`` like Keras's loader, or ``bilinear``/``antialias``.
+        subset_per_class: Keep only this many training images per class (the
+            control uses 3).
+        flip_labels: Swap cat and dog labels in the training split (the control).
+        num_workers: DataLoader worker processes.
+        pin_memory: Pin host memory; ``None`` pins when CUDA is available.
+        persistent_workers: Keep workers alive between epochs.
+        prefetch_factor: Batches prefetched per worker (DataLoader default if None).
+        scan_workers: Processes for the one-off decode scan of the source.
+    """
+
+    def __init__(
+        self,
+        source: str = DEFAULT_URL,
+        cache_dir: str | None = None,
+        split_sizes: Sequence[int | float] = (17000, 4000, 4000),
+        split_file: str | None = None,
+        seed: int = 42,
+        image_size: int = 224,
+        batch_size: int = 20,
+        eval_batch_size: int | None = None,
+        train_steps_per_epoch: int | None = 80,
+        val_steps_per_epoch: int | None = 20,
+        rotation_range: float = 40.0,
+        shear_range: float = 0.2,
+        zoom_range: float = 0.2,
+        horizontal_flip: bool = True,
+        rescale: float = 1.0 / 255.0,
+        augment_backend: AugmentBackend = "keras",
+        resize: Literal["nearest", "bilinear", "antialias"] = "nearest",
+        subset_per_class: int | None = None,
+        flip_labels: bool = False,
+        num_workers: int = 2,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        prefetch_factor: int | None = None,
+        scan_workers: int = 2,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if len(split_sizes) != 3:
+            raise UserError(
+                f"data.split_sizes needs three values (train, val, test), got {list(split_sizes)}"
+            )
+        if subset_per_class is not None and subset_per_class < 1:
+            raise UserError(f"data.subset_per_class must be at least 1, got {subset_per_class}")
+        self.augment_cfg = AugmentConfig(
+            rotation_range=rotation_range,
+            shear_range=shear_range,
+            zoom_range=zoom_range,
+            horizontal_flip=horizontal_flip,
+        )
+        self.rows: list[Row] | None = None
+        self.root: Path | None = None
+
+    # ----------------------------------------------------------------- indexing
+    def prepare_data(self) -> None:
+        """Download/extract and scan once (rank 0); later calls hit the cache."""
+        if self.hparams.split_file is None:
+            index_source(
+                self.hparams.source, self.hparams.cache_dir, workers=self.hparams.scan_workers
+            )
+
+    def _make_rows(self) -> list[Row]:
+        hp = self.hparams
+        if hp.split_file is not None:
+            return read_split_csv(hp.split_file)
+        root, items = index_source(hp.source, hp.cache_dir, workers=hp.scan_workers)
+        self.root = root
+        rows = make_split(items, tuple(hp.split_sizes), seed=hp.seed)
+        return [(str((root / p).resolve()), label, split) for p, label, split in rows]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build (or load) the split and write ``split.csv`` to the run's log dir."""
+        if self.rows is None:
+            self.rows = self._make_rows()
+        if stage in ("fit", None) and self.trainer is not None and self.trainer.is_global_zero:
+            log_dir = self.trainer.log_dir
+            if log_dir is not None:
+                write_split_csv(Path(log_dir) / "split.csv", self.rows)
+
+    def split_rows(self, split: str) -> list[Row]:
+        """Rows of one split in file order; the training split after subset/flip."""
+        if self.rows is None:
+            self.setup(None if split != "train" else "index")
+        assert self.rows is not None
+        rows = [r for r in self.rows if r[2] == split]
+        if not rows:
+            raise UserError(f"the {split} split is empty; check data.split_sizes / data.split_file")
+        if split != "train":
+            return rows
+        hp = self.hparams
+        if hp.subset_per_class is not None:
+            rng = np.random.default_rng([hp.seed, 7])
+            keep: list[Row] = []
+            for label in (0, 1):
+                cls = [r for r in rows if r[1] == label]
+                if len(cls) < hp.subset_per_class:
+                    raise UserError(
+                        f"data.subset_per_class={hp.subset_per_class} but the train split has only {len(cls)} images of class {label}"
+                    )
+                pick = sorted(rng.choice(len(cls), hp.subset_per_class, replace=False))
+                keep += [cls[i] for i in pick]
+            rows = keep
+        if hp.flip_labels:
+            rows = [(p, 1 - label, s) for p, label, s in rows]
+        return rows
+
+    # ------------------------------------------------------------------ loaders
+    def _dataset(self, split: str) -> ImageFiles:
+        rows = self.split_rows(split)
+        hp = self.hparams
+        return ImageFiles(
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            image_size=hp.image_size,
+            augment=split == "train",
+            cfg=self.augment_cfg,
+            backend=hp.augment_backend,
+            resize=hp.resize,
+            seed=hp.seed,
+        )
+
+    def _loader(self, split: str) -> DataLoader:
+        hp = self.hparams
+        ds = self._dataset(split)
+        world, rank = 1, 0
+        if self.trainer is not None:
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+        bs = hp.batch_size if split == "train" else (hp.eval_batch_size or hp.batch_size)
+        steps = {"train": hp.train_steps_per_epoch, "val": hp.val_steps_per_epoch}.get(split)
+        sampler = KerasBatchSampler(
+            len(ds),
+            bs,
+            steps=steps,
+            shuffle=split == "train" or steps is not None,
+            seed=hp.seed + SPLITS.index(split),
+            num_replicas=world,
+            rank=rank,
+        )
+        workers = hp.num_workers
+        pin = torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory
+        return DataLoader(
+            ds,
+            batch_sampler=sampler,
+            num_workers=workers,
+            pin_memory=pin,
+            persistent_workers=hp.persistent_workers and workers > 0,
+            prefetch_factor=hp.prefetch_factor if workers > 0 else None,
+            collate_fn=collate_skip_broken,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Augmented, shuffled, ``train_steps_per_epoch`` batches per epoch."""
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        """Rescale-only, ``val_steps_per_epoch`` batches from a shuffled stream."""
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        """The whole test split once, in file order."""
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split, for ``predict``."""
+        return self._loader("test")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Augment on the device (``gpu`` backend) and rescale to floats."""
+        if batch is None:
+            return None
+        x, y, keys = batch
+        x = x.float()
+        training = self.trainer is not None and self.trainer.training
+        if training and self.hparams.augment_backend == "gpu":
+            params = [
+                draw_params(self.augment_cfg, self.hparams.seed, int(k)) for k in keys.tolist()
+            ]
+            x = warp_batch(x, params)
+        return x * self.hparams.rescale, y
+
+    # ------------------------------------------------------------------ probes
+    def probe_batch(
+        self, per_class: int, split: str = "val"
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """The first ``per_class`` cats and dogs of a split, rescaled, fixed for a run.
+
+        Returns:
+            Images ``(2k, 3, S, S)`` in [0, 1], labels, and file paths.
+        """
+        rows = self.split_rows(split)
+        picked = [r for r in rows if r[1] == 0][:per_class] + [r for r in rows if r[1] == 1][
+            :per_class
+        ]
+        ds = ImageFiles(
+            [r[0] for r in picked],
+            [r[1] for r in picked],
+            self.hparams.image_size,
+            resize=self.hparams.resize,
+        )
+        xs = torch.stack([ds.load(i) for i in range(len(ds))]).float() * self.hparams.rescale
+        return xs, torch.tensor([r[1] for r in picked]), [r[0] for r in picked]

@@ -1,0 +1,507 @@
+"""Data sources: turn a directory, zip or URL into a local list of labelled, decodable images.
+
+The pipeline is ``resolve_source`` (directory, zip or URL to a local folder),
+``find_images`` (folder layout to ``(relative path, label)`` pairs) and
+``scan_images`` (decode each file once, cache the verdicts, drop the bad ones);
+``index_source`` runs all three.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import warnings
+import zipfile
+import zlib
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import PIL
+from tqdm import tqdm
+
+from lightning_vgg.data import decode
+from lightning_vgg.data.decode import IMAGE_SUFFIXES
+from lightning_vgg.errors import UserError
+from lightning_vgg.fileio import atomic_open
+
+DEFAULT_URL = (
+    "https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/"
+    "kagglecatsanddogs_5340.zip"
+)
+CLASS_NAMES = ("cat", "dog")  # index = label, as in the Keras experiment
+
+# Download behaviour; module-level so tests (and impatient users) can shrink them.
+DOWNLOAD_RETRIES = 3
+RETRY_DELAY_S = 2.0
+SOCKET_TIMEOUT_S = 60.0
+
+MAX_DEPTH = 3  # folders this far below the root are searched for a layout
+_CLASS_DIRS = {"cat": 0, "cats": 0, "dog": 1, "dogs": 1}
+_KAGGLE_NAME = re.compile(r"^(cat|dog)[._-]", re.IGNORECASE)
+# macOS zip debris and Kaggle's unlabelled test set are never training data.
+_SKIP_DIRS = {"__macosx", "test1"}
+_MARKER = ".complete"
+_STALE_PARTIAL_S = 3600.0
+_SCAN_VERSION = 1
+_CHUNK = 128  # files per pool task: big enough to amortise pickling, small for a smooth bar
+_LIST_LIMIT = 20
+
+_KINDS = "a data source must be a directory of images, a .zip archive or an http(s) URL of one"
+_LAYOUTS = (
+    "PetImages/Cat/*.jpg + PetImages/Dog/*.jpg (Microsoft download); "
+    "a flat folder of cat.<n>.jpg + dog.<n>.jpg (Kaggle train/); "
+    f"class folders cat(s)/ + dog(s)/ up to {MAX_DEPTH + 1} levels down"
+)
+
+
+class UnreadableImagesWarning(UserWarning):
+    """Some candidate images could not be decoded and were left out."""
+
+
+def default_cache_dir() -> Path:
+    """Where extracted archives, downloads and scan results are kept between runs."""
+    env = os.environ.get("LIGHTNING_VGG_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lightning_vgg"
+
+
+def _short_hash(text: str, n: int = 12) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]
+
+
+def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+# --------------------------------------------------------------------------- resolving
+
+
+def resolve_source(
+    source: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str] | None = None,
+    md5: str | None = None,
+) -> Path:
+    """Make any accepted data source available as a local directory.
+
+    Zips and downloads are unpacked once into the cache and reused, so pointing the
+    CLI at the same archive twice costs nothing the second time.
+
+    Args:
+        source: A directory, a ``.zip`` file, or an http(s) URL of a zip.
+        cache_dir: Where downloads and extractions go; ``default_cache_dir()`` if None.
+        md5: Expected checksum of a downloaded file; not checked if None.
+
+    Returns:
+        The root directory to search for images.
+
+    Raises:
+        UserError: The source is missing, empty, unreadable, not a valid zip, of an
+            unsupported kind, or could not be downloaded.
+    """
+    text = os.fspath(source)
+    cache = _cache_root(cache_dir)
+    scheme = urllib.parse.urlsplit(text).scheme.lower() if "://" in text else ""
+    if scheme in ("http", "https"):
+        return _extract_zip(_download(text, cache / "downloads", md5), cache / "extracted")
+    if scheme:
+        raise UserError(f"unsupported data source {text}: {_KINDS}")
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise UserError(f"data source not found: {path}")
+    if path.is_dir():
+        return _checked_dir(path.resolve())
+    if path.suffix.lower() == ".zip":
+        return _extract_zip(path.resolve(), cache / "extracted")
+    raise UserError(f"unsupported data source {path}: {_KINDS}")
+
+
+def _checked_dir(path: Path) -> Path:
+    """Fail now, with the path in the message, rather than later with 'no images'."""
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise UserError(f"data source is not readable: {path}")
+    try:
+        empty = next(path.iterdir(), None) is None
+    except OSError as exc:
+        raise UserError(f"cannot read data source {path}: {exc.strerror or exc}") from exc
+    if empty:
+        raise UserError(f"data source is an empty directory: {path}")
+    return path
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """Bound each network wait: torchvision's urlopen calls pass no timeout of their own."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _download_reason(exc: BaseException | None, md5: str | None) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        return str(exc.reason)
+    if isinstance(exc, RuntimeError) and md5:
+        return f"the file's md5 is not {md5}"
+    return str(exc) or type(exc).__name__
+
+
+def _download(url: str, downloads: Path, md5: str | None) -> Path:
+    """Download ``url`` once into the cache, retrying transient failures.
+
+    The file is fetched under a ``.part`` name and renamed when complete, because
+    torchvision trusts any existing file when no md5 is given: an interrupted
+    download must never be mistaken for a finished one.
+    """
+    # Imported here so the scan's worker processes, which import this module's
+    # package, do not pay for torch.
+    from torchvision.datasets.utils import check_integrity, download_url
+
+    name = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name or "download"
+    if not name.lower().endswith(".zip"):
+        name += ".zip"
+    folder = downloads / _short_hash(url)  # same file name from two URLs must not collide
+    target = folder / name
+    if target.is_file() and check_integrity(os.fspath(target), md5):
+        return target
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create download folder {folder}: {exc.strerror or exc}") from exc
+    partial = folder / f".{name}.part"
+    error: BaseException | None = None
+    for attempt in range(DOWNLOAD_RETRIES + 1):
+        if attempt:
+            time.sleep(RETRY_DELAY_S * 2 ** (attempt - 1))
+        partial.unlink(missing_ok=True)
+        try:
+            with _socket_timeout(SOCKET_TIMEOUT_S):
+                download_url(url, os.fspath(folder), filename=partial.name, md5=md5)
+        except urllib.error.HTTPError as exc:
+            error = exc
+            if 400 <= exc.code < 500:
+                break  # a wrong URL stays wrong
+        except (OSError, RuntimeError, ValueError) as exc:
+            error = exc
+        else:
+            os.replace(partial, target)
+            return target
+    partial.unlink(missing_ok=True)
+    raise UserError(
+        f"could not download {url}: {_download_reason(error, md5)}; "
+        "pass a local directory or zip with --data.source instead"
+    )
+
+
+def _remove_stale_partials(extracted: Path, name: str) -> None:
+    """Reclaim space from extractions that crashed (a concurrent one is recent, so kept)."""
+    for partial in extracted.glob(f".{name}.*.partial"):
+        with contextlib.suppress(OSError):
+            if time.time() - partial.stat().st_mtime > _STALE_PARTIAL_S:
+                shutil.rmtree(partial, ignore_errors=True)
+
+
+def _extract_zip(zip_path: Path, extracted: Path) -> Path:
+    """Extract a zip once into the cache; reuse it while the zip is unchanged.
+
+    The folder name hashes the zip's path, size and mtime, so an edited or replaced
+    zip gets a fresh extraction. Extraction goes to a temporary sibling that gets
+    the ``.complete`` marker before it is renamed into place, so the final folder
+    appears whole or not at all; one without the marker is not trusted and redone.
+    """
+    try:
+        stat = zip_path.stat()
+    except OSError as exc:
+        raise UserError(f"cannot read data source {zip_path}: {exc.strerror or exc}") from exc
+    key = _short_hash(f"{zip_path}|{stat.st_size}|{stat.st_mtime_ns}")
+    dest = extracted / f"{zip_path.stem}-{key}"
+    if (dest / _MARKER).is_file():
+        return dest
+    if not zipfile.is_zipfile(zip_path):
+        raise UserError(f"not a valid zip archive: {zip_path}")
+    try:
+        extracted.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            shutil.rmtree(dest)  # left half-done by an older or interrupted run
+        _remove_stale_partials(extracted, dest.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=extracted))
+        tmp.chmod(0o755)  # mkdtemp's 0o700 would hide a shared cache from other users
+    except OSError as exc:
+        raise UserError(f"cannot write to cache folder {extracted}: {exc.strerror or exc}") from exc
+    try:
+        # torchvision's extract_archive does exactly this, but only for a lower-case
+        # ".zip" suffix; zipfile also keeps members from escaping the target folder.
+        with zipfile.ZipFile(zip_path) as archive:
+            archive.extractall(tmp)
+        (tmp / _MARKER).write_text(f"{zip_path}\n", encoding="utf-8")
+        tmp.rename(dest)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (dest / _MARKER).is_file():
+            return dest  # a concurrent run finished the same extraction first
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise UserError(f"could not extract {zip_path}: {reason}") from exc
+    return dest
+
+
+# --------------------------------------------------------------------------- finding
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def _skip_dir(name: str) -> bool:
+    return name.startswith(".") or name.lower() in _SKIP_DIRS
+
+
+def _images_below(folder: str) -> Iterator[str]:
+    """Every image file in a class folder, at any depth (Keras also recurses)."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not _skip_dir(d))
+        for name in filenames:
+            if _is_image_name(name):
+                yield os.path.join(dirpath, name)
+
+
+def _top_level(root: Path, limit: int = 10) -> str:
+    try:
+        names = sorted(e.name + ("/" if e.is_dir() else "") for e in os.scandir(root))
+    except OSError:
+        return "(unreadable)"
+    if not names:
+        return "(nothing)"
+    more = f", ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _require_both_classes(items: Sequence[tuple[str, int]], root: Path, when: str = "") -> None:
+    counts = [sum(1 for _, label in items if label == i) for i in range(len(CLASS_NAMES))]
+    if all(counts):
+        return
+    found = ", ".join(f"{n} {name}" for n, name in zip(counts, CLASS_NAMES, strict=True))
+    if not any(counts):
+        raise UserError(f"no usable images{when} in {root}")
+    raise UserError(f"only one class found ({found} images){when} in {root}")
+
+
+def find_images(root: str | os.PathLike[str]) -> list[tuple[str, int]]:
+    """Find every labelled image under ``root``, whichever common layout it uses.
+
+    Users get the data from Microsoft (``PetImages/Cat``), Kaggle (``train/cat.0.jpg``)
+    or tutorials (``train/cats``), often wrapped in an extra folder, so all three are
+    recognised up to a few levels down and everything labelled is collected; the
+    train/val/test split is made later from the union. Only files with an image
+    suffix are candidates: ``Thumbs.db`` and friends are not errors, just not images.
+
+    Args:
+        root: The folder from ``resolve_source``.
+
+    Returns:
+        Sorted ``(relative posix path, label)`` pairs, with cat = 0 and dog = 1.
+
+    Raises:
+        UserError: No layout matched, or only one class has images.
+    """
+    root = Path(root)
+    found: dict[str, int] = {}
+    queue: deque[tuple[str, int]] = deque([(os.fspath(root), 0)])
+    while queue:
+        folder, depth = queue.popleft()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue  # an unreadable subfolder is not worth failing the whole search
+        for entry in entries:
+            if entry.is_dir():
+                if _skip_dir(entry.name):
+                    continue
+                label = _CLASS_DIRS.get(entry.name.lower())
+                if label is not None:
+                    for path in _images_below(entry.path):
+                        found.setdefault(Path(os.path.relpath(path, root)).as_posix(), label)
+                elif depth < MAX_DEPTH:
+                    queue.append((entry.path, depth + 1))
+            elif _is_image_name(entry.name) and (match := _KAGGLE_NAME.match(entry.name)):
+                label = CLASS_NAMES.index(match.group(1).lower())
+                found.setdefault(Path(os.path.relpath(entry.path, root)).as_posix(), label)
+    if not found:
+        raise UserError(
+            f"no labelled images found in {root}; accepted layouts: {_LAYOUTS}; "
+            f"found at the top level: {_top_level(root)}"
+        )
+    items = sorted(found.items())
+    _require_both_classes(items, root)
+    return items
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+def _scan_cache_file(cache_dir: Path, root: Path) -> Path:
+    return cache_dir / "scans" / f"{_short_hash(os.fspath(root.resolve()), 16)}.json"
+
+
+def _scan_header(root: Path) -> dict[str, object]:
+    """What a cached verdict depends on besides the file itself."""
+    return {
+        "version": _SCAN_VERSION,
+        "root": os.fspath(root.resolve()),
+        "pillow": PIL.__version__,  # a new decoder may judge files differently
+        "max_pixels": decode.MAX_PIXELS,
+    }
+
+
+def _read_scan_cache(path: Path, root: Path) -> dict[str, list]:
+    """Earlier verdicts by relative path; anything unreadable or foreign is ignored."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if all(data.get(key) == value for key, value in _scan_header(root).items()):
+            return dict(data["files"])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
+    return {}
+
+
+def _decode_all(
+    root: Path, rels: Sequence[str], workers: int, progress: bool
+) -> dict[str, str | None]:
+    """Decode files, in worker processes when it pays; the failure reason per file."""
+    paths = [os.fspath(root / rel) for rel in rels]
+    chunks = [range(i, min(i + _CHUNK, len(paths))) for i in range(0, len(paths), _CHUNK)]
+    reasons: dict[str, str | None] = {}
+
+    def record(chunk: range, verdicts: Sequence[str | None]) -> None:
+        for i, reason in zip(chunk, verdicts, strict=True):
+            reasons[rels[i]] = reason
+        bar.update(len(chunk))
+
+    with tqdm(total=len(paths), desc="checking images", unit="img", disable=not progress) as bar:
+        if workers > 1 and len(chunks) > 1:
+            # The platform's default start method, as torch's DataLoader uses: fork on
+            # Linux works from notebooks, stdin and unguarded scripts, where spawn fails.
+            try:
+                with ProcessPoolExecutor(workers) as pool:
+                    futures = {
+                        pool.submit(decode.check_files, [paths[i] for i in c]): c for c in chunks
+                    }
+                    for future in as_completed(futures):
+                        record(futures[future], future.result())
+            except BrokenProcessPool as exc:
+                warnings.warn(
+                    f"image check workers failed ({exc}); checking the rest in this process",
+                    stacklevel=3,
+                )
+        for chunk in chunks:  # everything, or whatever a broken pool left undone
+            if rels[chunk[0]] not in reasons:
+                record(chunk, decode.check_files([paths[i] for i in chunk]))
+    return reasons
+
+
+def _skipped_message(root: Path, bad: Sequence[str], reasons: dict[str, str | None]) -> str:
+    shown = ", ".join(f"{rel} ({reasons[rel]})" for rel in bad[:_LIST_LIMIT])
+    more = f", ... and {len(bad) - _LIST_LIMIT} more" if len(bad) > _LIST_LIMIT else ""
+    return f"skipped {len(bad)} unreadable image(s) in {root}: {shown}{more}"
+
+
+def scan_images(
+    root: str | os.PathLike[str],
+    items: Sequence[tuple[str, int]],
+    cache_dir: str | os.PathLike[str] | None,
+    workers: int = 2,
+    progress: bool = True,
+) -> tuple[list[tuple[str, int]], list[str]]:
+    """Decode every candidate once and drop the ones that fail.
+
+    The real download holds empty, truncated and non-image files; finding them here,
+    up front, keeps a training run from dying (or silently skipping) mid-epoch.
+    Verdicts are cached per file under ``cache_dir/scans/`` keyed by size and mtime,
+    so a rerun on unchanged data decodes nothing and an edit re-decodes only the
+    files that changed.
+
+    Args:
+        root: The folder the relative paths in ``items`` start from.
+        items: ``(relative path, label)`` pairs, as from ``find_images``.
+        cache_dir: Cache root; None disables the scan cache.
+        workers: Decoding processes; 1 decodes in this process.
+        progress: Show a tqdm bar.
+
+    Returns:
+        The usable items (input order kept) and the sorted relative paths of the bad ones.
+
+    Warns:
+        UnreadableImagesWarning: Once, naming the skipped files and why, if any.
+    """
+    root = Path(root)
+    signatures: dict[str, tuple[int, int] | None] = {}
+    for rel, _ in items:
+        try:
+            st = os.stat(root / rel)
+            signatures[rel] = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            signatures[rel] = None  # decoding will report why
+    cache_file = _scan_cache_file(Path(cache_dir), root) if cache_dir is not None else None
+    known = _read_scan_cache(cache_file, root) if cache_file is not None else {}
+
+    reasons: dict[str, str | None] = {}
+    todo: list[str] = []
+    for rel, sig in signatures.items():
+        entry = known.get(rel)  # [size, mtime_ns, reason or None]
+        usable = sig is not None and isinstance(entry, list) and len(entry) == 3
+        if usable and entry[:2] == list(sig):
+            reasons[rel] = entry[2]
+        else:
+            todo.append(rel)
+    if todo:
+        reasons.update(_decode_all(root, todo, workers, progress))
+
+    if cache_file is not None and (todo or known.keys() != signatures.keys()):
+        files = {rel: [*sig, reasons[rel]] for rel, sig in signatures.items() if sig is not None}
+        record = {**_scan_header(root), "files": files}
+        try:
+            with atomic_open(cache_file) as handle:
+                json.dump(record, handle, separators=(",", ":"))
+        except UserError as exc:  # the cache only saves time; the scan itself succeeded
+            warnings.warn(f"scan cache not saved: {exc}", stacklevel=2)
+
+    bad = sorted(rel for rel, reason in reasons.items() if reason is not None)
+    if bad:
+        warnings.warn(_skipped_message(root, bad, reasons), UnreadableImagesWarning, stacklevel=2)
+    good = [(rel, label) for rel, label in items if reasons[rel] is None]
+    return good, bad
+
+
+def index_source(
+    source: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str] | None = None,
+    workers: int = 2,
+    md5: str | None = None,
+    progress: bool = True,
+) -> tuple[Path, list[tuple[str, int]]]:
+    """Resolve, find and scan in one call: what the datamodule needs from a source.
+
+    Returns:
+        The local root and its usable ``(relative path, label)`` pairs, sorted.
+
+    Raises:
+        UserError: From any step, or if decoding left a class with no images.
+    """
+    cache = _cache_root(cache_dir)
+    root = resolve_source(source, cache, md5)
+    good, _ = scan_images(root, find_images(root), cache, workers, progress)
+    _require_both_classes(good, root, " after skipping unreadable files")
+    return root, good

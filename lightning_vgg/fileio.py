@@ -1,0 +1,95 @@
+"""Atomic file writing: results appear complete or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from lightning_vgg.errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` on success.
+
+    Writing beside the target keeps the rename on one file system, so it is atomic:
+    a reader (or a later run) sees the old file or the new one, never half of one.
+    On any exception the temporary file is removed and the target is untouched.
+    """
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise UserError(f"cannot write to {target.parent}: {exc.strerror or exc}") from exc
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
+    """Open a temporary file for writing that replaces ``path`` when closed cleanly."""
+    if "b" not in mode:
+        kwargs.setdefault("encoding", "utf-8")
+        kwargs.setdefault("newline", "" if path.__str__().endswith(".csv") else None)
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_open(path) as handle:
+        json.dump(obj, handle, indent=2, sort_keys=False, allow_nan=False)
+        handle.write("\n")
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` as UTF-8, atomically."""
+    with atomic_open(path) as handle:
+        handle.write(text)
+
+
+def write_csv(
+    path: str | os.PathLike[str], header: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> None:
+    """Write a CSV with a header row, atomically."""
+    with atomic_open(path) as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 100) -> Path:
+    """Save a matplotlib figure atomically and close it.
+
+    Returns:
+        The final path, so callers can list what they wrote.
+    """
+    import matplotlib.pyplot as plt
+
+    target = Path(path)
+    try:
+        with atomic_path(target) as tmp:
+            fig.savefig(
+                tmp, dpi=dpi, format=target.suffix.lstrip(".") or "png", bbox_inches="tight"
+            )
+    finally:
+        plt.close(fig)
+    return target

@@ -1,0 +1,1 @@
+"""Models: the plain VGG16 network and the LightningModule that trains it."""

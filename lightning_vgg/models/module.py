@@ -1,0 +1,171 @@
+"""The LightningModule that trains and evaluates :class:`~lightning_vgg.models.vgg.VGG16`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAccuracy
+
+from lightning_vgg.models.vgg import VGG16, BatchNormMode, InitMode
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class VGGClassifier(pl.LightningModule):
+    """VGG16(-BN) with one logit: BCE-with-logits loss, SGD as in the seed by default.
+
+    Every constructor argument is saved as a hyperparameter, so a checkpoint alone
+    rebuilds the network (``explain`` and ``compare`` rely on that).
+
+    Args:
+        width: Channel multiplier (1.0 is VGG16; 1/16 for tests).
+        batch_norm: ``every_conv`` (default), ``per_block`` (the seed's literal
+            model) or ``none``.
+        bn_momentum: BatchNorm momentum in PyTorch's convention; 0.01 is Keras's 0.99.
+        bn_eps: BatchNorm epsilon; 1e-3 is Keras's default.
+        hidden: Dense width before scaling by ``width``.
+        dropout: Dropout in the head; the seed has none.
+        input_size: Square input side; must match the data's ``image_size``.
+        inplace_relu: In-place ReLUs, as torchvision.
+        init: ``keras`` (he_normal, the seed) or ``torchvision``.
+        optimizer: ``sgd`` (the seed) or ``adamw``.
+        lr: Peak learning rate.
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum for SGD.
+        weight_decay: L2 (SGD) or decoupled (AdamW) weight decay.
+        scheduler: ``none`` (the seed), ``onecycle`` or ``cosine``; both step per batch.
+        warmup_pct: Share of steps spent warming up under ``onecycle``/``cosine``.
+        label_smoothing: Targets become ``y*(1-s) + s/2``; 0 in the seed.
+        channels_last: Use NHWC memory format (faster convs on tensor cores).
+    """
+
+    def __init__(
+        self,
+        width: float = 1.0,
+        batch_norm: BatchNormMode = "every_conv",
+        bn_momentum: float = 0.01,
+        bn_eps: float = 1e-3,
+        hidden: int = 4096,
+        dropout: float = 0.0,
+        input_size: int = 224,
+        inplace_relu: bool = True,
+        init: InitMode = "keras",
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        scheduler: Literal["none", "onecycle", "cosine"] = "none",
+        warmup_pct: float = 0.1,
+        label_smoothing: float = 0.0,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = VGG16(
+            width=width,
+            batch_norm=batch_norm,
+            bn_momentum=bn_momentum,
+            bn_eps=bn_eps,
+            hidden=hidden,
+            dropout=dropout,
+            input_size=input_size,
+            inplace_relu=inplace_relu,
+            init=init,
+        )
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.metrics = torch.nn.ModuleDict(
+            {
+                f"{stage}_{kind}": (BinaryAccuracy() if kind == "acc" else MeanMetric())
+                for stage in ("train", "val", "test")
+                for kind in ("acc", "loss")
+            }
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of shape ``(N,)``; apply ``sigmoid`` for P(dog)."""
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def _step(self, batch: Batch, stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        target = y.float()
+        s = self.hparams.label_smoothing if stage == "train" else 0.0
+        if s > 0:
+            target = target * (1 - s) + 0.5 * s
+        loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+        n = y.shape[0]
+        loss_metric = self.metrics[f"{stage}_loss"]
+        acc_metric = self.metrics[f"{stage}_acc"]
+        loss_metric.update(loss.detach(), weight=n)
+        # P(dog) >= 0.5 means dog, as in the seed; logit >= 0 is the same test.
+        acc_metric.update((logits.detach() >= 0).long(), y.long())
+        self.log(
+            f"{stage}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=n
+        )
+        self.log(
+            f"{stage}/acc", acc_metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=n
+        )
+        return loss
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        """One SGD step on an augmented batch."""
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        """Accumulate val loss/accuracy (epoch means, sample-weighted like Keras)."""
+        self._step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        """Accumulate test loss/accuracy over the whole test split."""
+        self._step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Probabilities of 'dog' and the 0/1 prediction for each image."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        prob = torch.sigmoid(self(x).float())
+        return {"prob_dog": prob, "pred": (prob >= 0.5).long()}
+
+    def configure_optimizers(self) -> Any:
+        """SGD(lr, momentum) as in the seed, or AdamW; optional per-step schedule."""
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": hp.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        if hp.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(
+                groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov
+            )
+        else:
+            opt = torch.optim.AdamW(groups, lr=hp.lr)
+        if hp.scheduler == "none":
+            return opt
+        total = int(self.trainer.estimated_stepping_batches)
+        if hp.scheduler == "onecycle":
+            sched: Any = torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=hp.lr, total_steps=total, pct_start=hp.warmup_pct
+            )
+        else:
+            warm = max(1, int(total * hp.warmup_pct))
+            sched = torch.optim.lr_scheduler.SequentialLR(
+                opt,
+                [
+                    torch.optim.lr_scheduler.LinearLR(opt, 1e-3, 1.0, warm),
+                    torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, total - warm)),
+                ],
+                milestones=[warm],
+            )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

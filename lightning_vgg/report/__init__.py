@@ -1,0 +1,1 @@
+"""Reports: run summaries, learning curves and the good-vs-broken comparison."""

@@ -1,0 +1,127 @@
+"""Each plot function draws a PNG that loads, at a sane size, including the zero-map path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from lightning_vgg.explain import atlas as A
+from lightning_vgg.explain import plots as P
+from lightning_vgg.fileio import save_figure
+from lightning_vgg.models.vgg import VGG16
+
+SIZE = 64
+
+
+def _texts(fig: Figure) -> list[str]:
+    return [t.get_text() for t in fig.findobj(match=lambda o: hasattr(o, "get_text"))]
+
+
+def _saved(fig: Figure, path: Path, min_w: int = 100, min_h: int = 80) -> tuple[int, int]:
+    out = save_figure(fig, path)
+    assert out == path and path.exists()
+    assert not list(path.parent.glob(".*.tmp"))  # atomic write left nothing behind
+    with Image.open(path) as img:
+        img.load()
+        w, h = img.size
+        assert img.format == "PNG"
+    assert min_w <= w <= 6000 and min_h <= h <= 6000
+    return w, h
+
+
+@pytest.fixture(scope="module")
+def photo(cat_photo: Path) -> torch.Tensor:
+    img = Image.open(cat_photo).convert("RGB").resize((SIZE, SIZE))
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255.0
+
+
+@pytest.fixture(scope="module")
+def atlas(photo: torch.Tensor) -> A.Atlas:
+    torch.manual_seed(0)
+    net = VGG16(width=1 / 16, input_size=SIZE)
+    return A.compute_atlas(net, photo[None], target="dog").to("cpu")
+
+
+def test_overlay_label() -> None:
+    assert P.overlay_label(0.93, 0) == "pred dog (p=0.93) | true cat"
+    assert P.overlay_label(0.07, 1) == "pred cat (p=0.93) | true dog"
+    assert P.overlay_label(0.5) == "pred dog (p=0.50)"
+    assert P.overlay_label(0.2, "cat") == "pred cat (p=0.80) | true cat"
+    with pytest.raises(ValueError):
+        P.overlay_label(0.2, 3)
+
+
+def test_minmax_flat_for_constant_channels() -> None:
+    assert (P.minmax(np.full((4, 4), 3.0)) == 0).all()
+    assert (P.minmax(np.zeros((4, 4))) == 0).all()
+    noisy_const = np.full((4, 4), 5.0, dtype=np.float32) + np.float32(4e-7) * np.eye(
+        4, dtype=np.float32
+    )
+    assert (P.minmax(noisy_const) == 0).all()
+    ramp = P.minmax(torch.arange(16.0).view(4, 4))
+    assert ramp.min() == 0 and ramp.max() == 1
+
+
+def test_feature_map_grid(atlas: A.Atlas, tmp_path: Path) -> None:
+    act = atlas.activations["block1_conv1"][0]
+    act[0] = 0.0  # a dead channel draws flat
+    fig = P.feature_map_grid(act, "block1_conv1", max_channels=64)
+    assert any(t.startswith(f"block1_conv1  (4, {SIZE}, {SIZE})") for t in _texts(fig))
+    _saved(fig, tmp_path / "grid.png")
+    big = P.feature_map_grid(torch.rand(100, 8, 8), "block3_conv2", max_channels=16)
+    assert any("(first 16 of 100 channels)" in t for t in _texts(big))
+    assert sum(1 for ax in big.axes if ax.images) == 16
+    _saved(big, tmp_path / "big.png")
+    with pytest.raises(ValueError):
+        P.feature_map_grid(torch.rand(8, 8), "x")
+
+
+def test_feature_overview(atlas: A.Atlas, tmp_path: Path) -> None:
+    acts = {k: v[0] for k, v in atlas.activations.items()}
+    fig = P.feature_overview(acts, n=8)
+    assert len(fig.axes) == 13 * 8
+    w, h = _saved(fig, tmp_path / "overview.png", min_w=400, min_h=600)
+    assert h > w  # one row per layer
+
+
+def test_gradcam_overlay_and_zero_flag(atlas: A.Atlas, photo: torch.Tensor, tmp_path: Path) -> None:
+    maps, zero = A.normalize_per_map(atlas.cams["block4_conv1"])
+    assert not zero[0]  # a map with content, for the normal path
+    up = A.upsample(maps, SIZE)[0, 0]
+    label = "block4_conv1 | " + P.overlay_label(float(atlas.probs[0]), 0)
+    fig = P.gradcam_overlay(photo, up, label, zero=bool(zero[0]))
+    assert P.ZERO_FLAG not in _texts(fig)
+    assert any(ax.images and len(ax.images) == 2 for ax in fig.axes)  # photo + heat map
+    _saved(fig, tmp_path / "overlay.png")
+    # A small map is resized to the image by the helper itself.
+    _saved(P.gradcam_overlay(photo, maps[0], "small map"), tmp_path / "small.png")
+    zero_fig = P.gradcam_overlay(photo, torch.zeros(SIZE, SIZE), "zero")
+    assert P.ZERO_FLAG in _texts(zero_fig)
+    _saved(zero_fig, tmp_path / "zero.png")
+    # An explicit flag wins over the values (e.g. a flagged map passed un-zeroed).
+    flagged = P.gradcam_overlay(photo, up, "flagged", zero=True)
+    assert P.ZERO_FLAG in _texts(flagged)
+    flagged.clear()
+
+
+def test_atlas_figure(atlas: A.Atlas, photo: torch.Tensor, tmp_path: Path) -> None:
+    dens = {n: A.to_density(atlas.cams[n], SIZE) for n in atlas.layer_names}
+    scale = A.shared_scale(list(dens.values()))
+    maps_dog = {n: A.normalize_shared(d, scale)[0, 0] for n, d in dens.items()}
+    maps_cat = {n: torch.zeros(SIZE, SIZE) for n in atlas.layer_names}
+    zero_cat = dict.fromkeys(atlas.layer_names, True)
+    title = P.overlay_label(float(atlas.probs[0]), 0)
+    fig = P.atlas_figure(photo, maps_dog, maps_cat, None, zero_cat, title=title)
+    assert len(fig.axes) == 1 + 2 * 13
+    assert _texts(fig).count(P.ZERO_FLAG) >= 13
+    for name in atlas.layer_names:
+        assert name in _texts(fig)
+    w, h = _saved(fig, tmp_path / "atlas.png", min_w=800, min_h=150)
+    assert w > 3 * h  # a wide strip: 13 layers side by side
+    with pytest.raises(ValueError):
+        P.atlas_figure(photo, maps_dog, {}, title="missing")
