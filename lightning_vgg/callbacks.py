@@ -12,7 +12,8 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_vgg.fileio import write_json
+from lightning_vgg.errors import UserError
+from lightning_vgg.fileio import save_figure, write_json
 from lightning_vgg.report.history import (
     METRIC_COLUMNS,
     read_metrics_csv,
@@ -132,3 +133,274 @@ class RunArtifacts(Callback):
         write_json(run_dir / "test_metrics.json", test)
         write_run_outputs(run_dir, summary, rows, self.reference)
         rank_zero_info(f"test results written to {run_dir}/summary.md")
+
+
+class FiniteLossGuard(Callback):
+    """Stops training loudly at the first NaN or infinite training loss.
+
+    ``EarlyStopping(check_finite=True)`` stops quietly at the end of an epoch; this
+    raises at once with the epoch and step, before the epoch-end checkpoint could
+    save broken weights, so ``last.ckpt`` stays the last good state.
+    """
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None or bool(torch.isfinite(loss.detach()).all()):
+            return
+        ckpt_dir = Path(trainer.log_dir or ".") / "checkpoints"
+        kept = ckpt_dir / "last.ckpt"
+        where = (
+            f"the last good checkpoint is {kept}"
+            if kept.exists()
+            else "no checkpoint had been written yet"
+        )
+        raise UserError(
+            f"training loss became {float(loss.detach().float().mean())} at epoch {trainer.current_epoch}, "
+            f"step {trainer.global_step} (batch {batch_idx}); training stopped and {where}"
+        )
+
+
+class _ProbeCallback(Callback):
+    """Shared plumbing of the visualisation callbacks: fixed probes, when and where.
+
+    The probe images (``per_class`` cats and dogs from the validation split) are
+    chosen once and kept, so every epoch's figures show the same photos. Work is
+    bounded: one forward (and one backward for Grad-CAM) on ``2 * per_class``
+    images, plus the figures, every ``every_n_epochs`` epochs and at the end of fit
+    and test.
+    """
+
+    kind = "probe"
+
+    def __init__(
+        self, every_n_epochs: int = 10, per_class: int = 2, log_to_logger: bool = True
+    ) -> None:
+        if every_n_epochs < 1 or per_class < 1:
+            raise UserError(
+                f"{type(self).__name__}: every_n_epochs and per_class must be at least 1"
+            )
+        self.every_n_epochs = every_n_epochs
+        self.per_class = per_class
+        self.log_to_logger = log_to_logger
+        self._probe: tuple[torch.Tensor, torch.Tensor, list[str]] | None = None
+
+    def _probes(self, trainer: pl.Trainer) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
+        if self._probe is None:
+            dm = trainer.datamodule
+            if dm is None or not hasattr(dm, "probe_batch"):
+                return None
+            split = "val" if any(r[2] == "val" for r in (dm.rows or [])) else "test"
+            self._probe = dm.probe_batch(self.per_class, split=split)
+        return self._probe
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> None:
+        if not trainer.is_global_zero or trainer.log_dir is None or trainer.sanity_checking:
+            return
+        probes = self._probes(trainer)
+        if probes is None:
+            return
+        out = Path(trainer.log_dir) / "visualizations" / tag
+        figures = self.figures(pl_module, *probes)
+        logger = trainer.logger
+        experiment = getattr(logger, "experiment", None) if self.log_to_logger else None
+        for name, fig in figures:
+            if experiment is not None and hasattr(experiment, "add_figure"):
+                experiment.add_figure(
+                    f"{self.kind}/{name}", fig, global_step=trainer.global_step, close=False
+                )
+            save_figure(fig, out / f"{self.kind}_{name}.png")
+
+    def figures(
+        self, pl_module: pl.LightningModule, x: torch.Tensor, y: torch.Tensor, paths: list[str]
+    ) -> list[tuple[str, Any]]:
+        """The (name, Figure) pairs to write; computed by explain/."""
+        raise NotImplementedError
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._run(trainer, pl_module, f"epoch_{trainer.current_epoch:03d}")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._run(trainer, pl_module, "fit_end")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._run(trainer, pl_module, "test_end")
+
+
+class FeatureMapCallback(_ProbeCallback):
+    """Feature maps of every conv layer for the fixed probe images (the seed's grids).
+
+    Args:
+        every_n_epochs: Draw after every n-th training epoch (and at fit/test end).
+        per_class: Probe cats and dogs from the validation split.
+        max_channels: Channels per layer grid.
+        stage: ``post`` (after ReLU, the seed's) or ``pre`` activation.
+        log_to_logger: Also send figures to TensorBoard when it is the logger.
+    """
+
+    kind = "features"
+
+    def __init__(
+        self,
+        every_n_epochs: int = 10,
+        per_class: int = 1,
+        max_channels: int = 32,
+        stage: Literal["post", "pre"] = "post",
+        log_to_logger: bool = True,
+    ) -> None:
+        super().__init__(every_n_epochs, per_class, log_to_logger)
+        self.max_channels = max_channels
+        self.stage = stage
+
+    def figures(
+        self, pl_module: pl.LightningModule, x: torch.Tensor, y: torch.Tensor, paths: list[str]
+    ) -> list[tuple[str, Any]]:
+        from lightning_vgg.explain.atlas import compute_atlas
+        from lightning_vgg.explain.plots import feature_map_grid, feature_overview
+
+        atlas = compute_atlas(pl_module, x, stage=self.stage, cams=False)
+        figs: list[tuple[str, Any]] = []
+        for i, path in enumerate(paths):
+            stem = f"{'cat' if int(y[i]) == 0 else 'dog'}{i}_{Path(path).stem}"
+            acts = {k: v[i] for k, v in atlas.activations.items()}
+            figs.append((f"{stem}_overview", feature_overview(acts)))
+            figs += [
+                (f"{stem}_{k}", feature_map_grid(v, k, self.max_channels)) for k, v in acts.items()
+            ]
+        return figs
+
+
+class GradCAMCallback(_ProbeCallback):
+    """Grad-CAM of every conv layer, dog and cat score, for the fixed probe images.
+
+    Args:
+        every_n_epochs: Draw after every n-th training epoch (and at fit/test end).
+        per_class: Probe cats and dogs from the validation split.
+        normalize: ``shared`` (one scale across layers: weak evidence looks weak)
+            or ``per_map``.
+        log_to_logger: Also send figures to TensorBoard when it is the logger.
+    """
+
+    kind = "gradcam"
+
+    def __init__(
+        self,
+        every_n_epochs: int = 10,
+        per_class: int = 2,
+        normalize: Literal["shared", "per_map"] = "shared",
+        log_to_logger: bool = True,
+    ) -> None:
+        super().__init__(every_n_epochs, per_class, log_to_logger)
+        self.normalize = normalize
+
+    def figures(
+        self, pl_module: pl.LightningModule, x: torch.Tensor, y: torch.Tensor, paths: list[str]
+    ) -> list[tuple[str, Any]]:
+        from lightning_vgg.explain.plots import atlas_figure
+        from lightning_vgg.explain.run import image_maps, normalise_maps, title_of
+
+        names = [Path(p).name for p in paths]
+        maps = image_maps(pl_module, x, names, [int(v) for v in y], keep_activations=False)
+        normalise_maps(maps, self.normalize)
+        return [
+            (
+                f"{'cat' if m.label == 0 else 'dog'}{i}_{Path(paths[i]).stem}_atlas",
+                atlas_figure(m.image, m.dog, m.cat, m.zero_dog, m.zero_cat, title=title_of(m)),
+            )
+            for i, m in enumerate(maps)
+        ]
+
+
+class MisclassificationGallery(Callback):
+    """After ``test``: the k most confident wrong predictions per class, with Grad-CAM.
+
+    Collects every test image's logit, then draws one figure per true class with
+    the Grad-CAM of the *predicted* class at ``layer`` (where the model looked to
+    make its mistake), and lists them in ``misclassified.json``. Written to the run
+    directory of the checkpoint under test. Single-process test runs only (under
+    DDP each rank sees part of the split, and rank 0 draws its own part).
+
+    Args:
+        k: Images per class.
+        layer: Conv layer of the overlays (Keras name).
+    """
+
+    def __init__(self, k: int = 8, layer: str = "block5_conv3") -> None:
+        self.k = k
+        self.layer = layer
+        self._logits: list[torch.Tensor] = []
+        self._keys: list[torch.Tensor] = []
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._logits, self._keys = [], []
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if isinstance(outputs, dict) and "keys" in outputs:
+            self._logits.append(outputs["logits"].float().cpu())
+            self._keys.append(outputs["keys"].cpu())
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = trainer.datamodule
+        if (
+            not trainer.is_global_zero
+            or not self._logits
+            or dm is None
+            or not hasattr(dm, "split_rows")
+        ):
+            return
+        from lightning_vgg.explain.atlas import compute_atlas, normalize_per_map, upsample
+        from lightning_vgg.explain.plots import gallery_figure, overlay_label
+
+        rows = dm.split_rows("test")
+        logits, keys = torch.cat(self._logits), torch.cat(self._keys)
+        labels = torch.tensor([rows[int(k)][1] for k in keys])
+        prob = torch.sigmoid(logits)
+        pred = (prob >= 0.5).long()
+        conf = torch.where(pred == 1, prob, 1 - prob)
+        run_dir = run_dir_of(trainer) or Path(trainer.log_dir or ".")
+        listing: dict[str, list[dict[str, Any]]] = {}
+        for cls, cname in enumerate(("cat", "dog")):
+            wrong = torch.nonzero((labels == cls) & (pred != cls)).flatten()
+            top = wrong[torch.argsort(conf[wrong], descending=True)][: self.k]
+            paths = [rows[int(keys[i])][0] for i in top]
+            listing[cname] = [
+                {"image": p, "prob_dog": float(prob[i]), "confidence": float(conf[i])}
+                for p, i in zip(paths, top.tolist(), strict=True)
+            ]
+            images = maps01 = None
+            captions: list[str] = []
+            if paths:
+                x, _, _ = dm.probe_from_paths(paths)
+                atlas = compute_atlas(
+                    pl_module, x, target="pred", layers=[self.layer], activations=False
+                )
+                cam = upsample(atlas.cams[self.layer], tuple(x.shape[-2:]))
+                maps01 = normalize_per_map(cam)[0][:, 0].cpu()
+                images = x.cpu()
+                captions = [
+                    f"{Path(p).name}\n{overlay_label(float(prob[i]), cls)}"
+                    for p, i in zip(paths, top.tolist(), strict=True)
+                ]
+            fig = gallery_figure(
+                images,
+                maps01,
+                captions,
+                f"true {cname}s most confidently called {'dog' if cls == 0 else 'cat'} (Grad-CAM {self.layer})",
+            )
+            save_figure(fig, run_dir / f"misclassified_{cname}.png")
+        write_json(run_dir / "misclassified.json", {"layer": self.layer, "k": self.k, **listing})

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -10,24 +13,55 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from lightning_vgg.errors import UserError
-from lightning_vgg.fileio import atomic_path
+from lightning_vgg.fileio import atomic_open
 
 #: Hyperparameters that change the network's shapes; a checkpoint must match them.
 ARCH_KEYS = ("width", "batch_norm", "hidden", "input_size")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file and renames it into place.
+    """Writes each checkpoint to a temporary file beside it and renames it into place.
 
     A save killed halfway leaves the previous ``best.ckpt``/``last.ckpt`` intact
-    instead of a truncated file that a later ``--ckpt_path last`` would load.
+    instead of a truncated file that a later ``--ckpt_path last`` would load. A full
+    disk or an unwritable folder is a ``UserError`` naming the file, and leaves no
+    partial file behind. The temporary file of a save that was killed (and so could
+    not clean up) is removed by the next successful save of the same checkpoint.
+
+    Local files are written here rather than through Lightning's fsspec transaction,
+    which stages every checkpoint in the system temp folder first (a second full
+    copy, on a disk that may be much smaller than the run's) and reports some failed
+    copies as success when the destination file already exists.
     """
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
     ) -> None:
-        with atomic_path(path) as tmp:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
+        if "://" in str(path):  # remote storage: fsspec's own transaction is the atomic step
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(f"storage_options are not supported by {type(self).__name__}")
+        # Serialise first: torch turns write errors into opaque RuntimeErrors, while a
+        # plain write reports ENOSPC/EACCES as the OSError that atomic_open explains.
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        target = Path(path)
+        with atomic_open(target, "wb") as handle:
+            handle.write(buffer.getbuffer())
+        _remove_leftovers(target)
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Delete temporary files of earlier saves of ``target`` that were killed mid-write.
+
+    Only one process saves a given checkpoint at a time (rank 0, one save after
+    another), so any other ``.<name>.*.tmp`` beside it is debris, as large as a
+    checkpoint.
+    """
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from lightning_vgg.callbacks import RunArtifacts
+from lightning_vgg.callbacks import FiniteLossGuard, MisclassificationGallery, RunArtifacts
 from lightning_vgg.checkpointing import (
     AtomicCheckpointIO,
     check_architecture,
@@ -24,8 +24,33 @@ from lightning_vgg.data.datamodule import CatsDogsDataModule
 from lightning_vgg.errors import UserError
 from lightning_vgg.models.module import VGGClassifier
 
+
+def function_command(fn: Callable[..., Any], name: str) -> Callable[[list[str]], None]:
+    """A subcommand whose flags are ``fn``'s typed, documented arguments (jsonargparse)."""
+
+    def run(argv: list[str]) -> None:
+        from jsonargparse import ArgumentParser
+
+        parser = ArgumentParser(
+            prog=f"lightning-vgg {name}", exit_on_error=False, default_env=False
+        )
+        parser.add_argument("--config", action="config", help="YAML file with these options")
+        parser.add_function_arguments(fn, as_group=False)
+        cfg = parser.parse_args(argv)
+        kwargs = {k: v for k, v in cfg.items() if k != "config" and not k.startswith("__")}
+        fn(**kwargs)
+
+    return run
+
+
+def _explain(argv: list[str]) -> None:
+    from lightning_vgg.explain.run import run_explain
+
+    function_command(run_explain, "explain")(argv)
+
+
 #: Subcommands that are not LightningCLI's; each maps to ``fn(argv) -> None``.
-EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {}
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {"explain": _explain}
 
 
 class FitConfigSaver(SaveConfigCallback):
@@ -43,6 +68,8 @@ class VGGLightningCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.input_size")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(RunArtifacts, "artifacts")
+        parser.add_lightning_class_args(FiniteLossGuard, "finite_guard")
+        parser.add_lightning_class_args(MisclassificationGallery, "gallery")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",

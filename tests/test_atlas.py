@@ -283,6 +283,7 @@ def test_lightning_module_is_accepted(batch: torch.Tensor) -> None:
     module.train()
     at = A.compute_atlas(module, batch[:2], target="cat", layers=["block5_conv3", "block1_conv1"])
     assert at.layer_names == ["block1_conv1", "block5_conv3"]  # network order
+    assert list(A.layer_units(module, "post", "block5_conv3")) == ["block5_conv3"]
     assert module.training and module.net.training
     assert A.unwrap(module) is module.net
     torch.testing.assert_close(

@@ -218,7 +218,11 @@ class CatsDogsDataModule(pl.LightningDataModule):
         return self._loader("test")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Augment on the device (``gpu`` backend) and rescale to floats."""
+        """Augment on the device (``gpu`` backend) and rescale to floats.
+
+        Returns:
+            ``(images, labels, draw_keys)``.
+        """
         if batch is None:
             return None
         x, y, keys = batch
@@ -229,7 +233,8 @@ class CatsDogsDataModule(pl.LightningDataModule):
                 draw_params(self.augment_cfg, self.hparams.seed, int(k)) for k in keys.tolist()
             ]
             x = warp_batch(x, params)
-        return x * self.hparams.rescale, y
+        # keys name each image (its index in the split for val/test), for galleries
+        return x * self.hparams.rescale, y, keys
 
     # ------------------------------------------------------------------ probes
     def probe_batch(
@@ -241,14 +246,14 @@ class CatsDogsDataModule(pl.LightningDataModule):
             Images ``(2k, 3, S, S)`` in [0, 1], labels, and file paths.
         """
         rows = self.split_rows(split)
-        picked = [r for r in rows if r[1] == 0][:per_class] + [r for r in rows if r[1] == 1][
-            :per_class
-        ]
-        ds = ImageFiles(
-            [r[0] for r in picked],
-            [r[1] for r in picked],
-            self.hparams.image_size,
-            resize=self.hparams.resize,
-        )
-        xs = torch.stack([ds.load(i) for i in range(len(ds))]).float() * self.hparams.rescale
-        return xs, torch.tensor([r[1] for r in picked]), [r[0] for r in picked]
+        cats = [r for r in rows if r[1] == 0][:per_class]
+        picked = cats + [r for r in rows if r[1] == 1][:per_class]
+        x, _, paths = self.probe_from_paths([r[0] for r in picked])
+        return x, torch.tensor([r[1] for r in picked]), paths
+
+    def probe_from_paths(self, paths: Sequence[str]) -> tuple[torch.Tensor, None, list[str]]:
+        """Images loaded exactly as for evaluation (resize, rescale), as one batch."""
+        hp = self.hparams
+        ds = ImageFiles(list(paths), [0] * len(paths), hp.image_size, resize=hp.resize)
+        xs = torch.stack([ds.load(i) for i in range(len(ds))]).float() * hp.rescale
+        return xs, None, list(paths)

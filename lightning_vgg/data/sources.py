@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -157,7 +158,25 @@ def _download_reason(exc: BaseException | None, md5: str | None) -> str:
         return str(exc.reason)
     if isinstance(exc, RuntimeError) and md5:
         return f"the file's md5 is not {md5}"
+    if isinstance(exc, _IncompleteDownload):
+        return str(exc)
     return str(exc) or type(exc).__name__
+
+
+class _IncompleteDownload(Exception):
+    """The transfer ended early: the connection dropped and the body was cut short."""
+
+
+def _is_whole_zip(path: Path) -> bool:
+    """A zip's directory is at its very end, so a cut-short download never passes.
+
+    urllib does not report a body that ends before its ``Content-Length`` when read
+    in chunks (as torchvision does), and without an md5 nothing else would notice.
+    """
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
 
 
 def _download(url: str, downloads: Path, md5: str | None) -> Path:
@@ -176,7 +195,8 @@ def _download(url: str, downloads: Path, md5: str | None) -> Path:
         name += ".zip"
     folder = downloads / _short_hash(url)  # same file name from two URLs must not collide
     target = folder / name
-    if target.is_file() and check_integrity(os.fspath(target), md5):
+    # A cut-short file cached by an older version is not trusted either.
+    if target.is_file() and check_integrity(os.fspath(target), md5) and _is_whole_zip(target):
         return target
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -191,11 +211,21 @@ def _download(url: str, downloads: Path, md5: str | None) -> Path:
         try:
             with _socket_timeout(SOCKET_TIMEOUT_S):
                 download_url(url, os.fspath(folder), filename=partial.name, md5=md5)
+            if not _is_whole_zip(partial):
+                raise _IncompleteDownload(
+                    f"the download ended early or is not a zip archive ({partial.stat().st_size} bytes)"
+                )
         except urllib.error.HTTPError as exc:
             error = exc
             if 400 <= exc.code < 500:
                 break  # a wrong URL stays wrong
-        except (OSError, RuntimeError, ValueError) as exc:
+        except (
+            OSError,
+            RuntimeError,
+            ValueError,
+            http.client.HTTPException,
+            _IncompleteDownload,
+        ) as exc:
             error = exc
         else:
             os.replace(partial, target)

@@ -91,6 +91,8 @@ def layer_units(
     units = conv_units(unwrap(model), stage)
     if layers is None:
         return units
+    if isinstance(layers, str):  # one name, not a sequence of characters
+        layers = [layers]
     unknown = [name for name in layers if name not in units]
     if unknown:
         raise UserError(
@@ -408,7 +410,8 @@ def activations(
 
     The reference for feature maps (:func:`compute_atlas` captures the same tensors
     itself in its own pass; the tests check they agree). Runs in eval mode, restoring
-    every submodule's flag afterwards.
+    every submodule's flag afterwards. ``stage`` and ``layers`` mean what they mean
+    for :func:`compute_atlas`.
 
     Returns:
         ``name -> (N, C, h, w)`` on the model's device, in network order.

@@ -93,8 +93,10 @@ class VGGClassifier(pl.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
-    def _step(self, batch: Batch, stage: str) -> torch.Tensor:
-        x, y = batch
+    def _step(self, batch: Batch, stage: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if batch is None:  # every image of the batch failed to load (already warned)
+            return None
+        x, y = batch[0], batch[1]
         logits = self(x)
         target = y.float()
         s = self.hparams.label_smoothing if stage == "train" else 0.0
@@ -113,19 +115,26 @@ class VGGClassifier(pl.LightningModule):
         self.log(
             f"{stage}/acc", acc_metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=n
         )
-        return loss
+        return loss, logits.detach()
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        """One SGD step on an augmented batch."""
-        return self._step(batch, "train")
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
+        """One SGD step on an augmented batch (skipped if no image of it loaded)."""
+        out = self._step(batch, "train")
+        return None if out is None else out[0]
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         """Accumulate val loss/accuracy (epoch means, sample-weighted like Keras)."""
         self._step(batch, "val")
 
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        """Accumulate test loss/accuracy over the whole test split."""
-        self._step(batch, "test")
+    def test_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor] | None:
+        """Accumulate test loss/accuracy; return per-image logits for the gallery."""
+        out = self._step(batch, "test")
+        if out is None:
+            return None
+        result = {"logits": out[1], "y": batch[1]}
+        if len(batch) > 2:
+            result["keys"] = batch[2]
+        return result
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         """Probabilities of 'dog' and the 0/1 prediction for each image."""

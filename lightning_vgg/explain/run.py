@@ -1,0 +1,390 @@
+"""The explain pipeline: checkpoint + images in, feature-map and Grad-CAM files out."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lightning_vgg.checkpointing import ARCH_KEYS, read_checkpoint
+from lightning_vgg.data.augment import resize_nearest_pil
+from lightning_vgg.data.decode import IMAGE_SUFFIXES, ImageDecodeError, load_rgb
+from lightning_vgg.errors import UserError
+from lightning_vgg.explain.atlas import (
+    Atlas,
+    Stage,
+    compute_atlas,
+    normalize_per_map,
+    normalize_shared,
+    shared_scale,
+    to_density,
+)
+from lightning_vgg.explain.plots import (
+    atlas_figure,
+    feature_map_grid,
+    feature_overview,
+    gradcam_overlay,
+    overlay_label,
+)
+from lightning_vgg.fileio import save_figure
+from lightning_vgg.models.module import VGGClassifier
+
+Normalize = Literal["per_map", "shared"]
+CLASS_NAMES = ("cat", "dog")
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` is the GPU when there is one."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(ckpt_path: str | Path, device: str | torch.device = "auto") -> VGGClassifier:
+    """Rebuild the network from a checkpoint's hyperparameters, in eval mode.
+
+    Raises:
+        UserError: The file is missing, not a checkpoint of this project, or its
+            weights do not fit the architecture its hyperparameters describe.
+    """
+    ckpt = read_checkpoint(ckpt_path)
+    hp = ckpt.get("hyper_parameters")
+    if not isinstance(hp, dict) or "state_dict" not in ckpt or not all(k in hp for k in ARCH_KEYS):
+        raise UserError(f"{ckpt_path} is not a lightning_vgg checkpoint (no VGG hyperparameters)")
+    model = VGGClassifier(**{k: v for k, v in hp.items() if not k.startswith("_")})
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1:3]
+        raise UserError(
+            f"checkpoint {ckpt_path} does not match its own architecture: {' '.join(first)}"
+        ) from exc
+    dev = pick_device(device) if isinstance(device, str) else device
+    return model.to(dev).eval()
+
+
+def label_from_path(path: str | Path) -> int | None:
+    """Guess the true label from a Kaggle name (``cat.1.jpg``) or a class folder."""
+    p = Path(path)
+    m = re.match(r"^(cat|dog)s?[._\-]", p.name.lower())
+    if m:
+        return CLASS_NAMES.index(m.group(1))
+    for part in reversed(p.parent.parts[-3:]):
+        low = part.lower()
+        if low in ("cat", "cats"):
+            return 0
+        if low in ("dog", "dogs"):
+            return 1
+    return None
+
+
+def collect_images(paths: Sequence[str | Path]) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted list of image files."""
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(
+                f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not found:
+                raise UserError(
+                    f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in folder {p}"
+                )
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise UserError(f"image not found: {p}")
+    return out
+
+
+def load_image(path: str | Path, size: int, resize: str = "nearest") -> torch.Tensor:
+    """One image as a ``(3, S, S)`` float tensor in [0, 1], resized like training.
+
+    Raises:
+        ImageDecodeError: Not an image, corrupt, or too large to decode safely.
+    """
+    from PIL import Image
+
+    img = load_rgb(path)
+    if resize == "nearest":
+        img = resize_nearest_pil(img, size)
+    else:
+        img = img.resize((size, size), Image.BILINEAR if resize == "bilinear" else Image.LANCZOS)
+    return torch.from_numpy(np.array(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+@dataclass
+class ImageMaps:
+    """Everything drawn for one image, on the CPU."""
+
+    name: str
+    image: torch.Tensor
+    prob_dog: float
+    label: int | None
+    activations: dict[str, torch.Tensor] = field(default_factory=dict)
+    dog: dict[str, torch.Tensor] = field(default_factory=dict)
+    cat: dict[str, torch.Tensor] = field(default_factory=dict)
+    zero_dog: dict[str, bool] = field(default_factory=dict)
+    zero_cat: dict[str, bool] = field(default_factory=dict)
+    density_dog: dict[str, torch.Tensor] = field(default_factory=dict)
+    density_cat: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def signed_maps(atlas: Atlas) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Dog and cat Grad-CAM from one pass: the cat score is minus the dog logit.
+
+    Grad-CAM is linear in the score before its ReLU, so the cat map is
+    ``ReLU(-signed_dog)``: one backward pass serves both classes.
+    """
+    dog, cat = {}, {}
+    for name, signed in atlas.cams_signed.items():
+        s = atlas.target_sign.view(-1, 1, 1, 1).to(signed.dtype)
+        dog_signed = signed * s
+        dog[name] = torch.relu(dog_signed)
+        cat[name] = torch.relu(-dog_signed)
+    return dog, cat
+
+
+def image_maps(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    names: Sequence[str],
+    labels: Sequence[int | None],
+    stage: Stage = "post",
+    keep_activations: bool = True,
+) -> list[ImageMaps]:
+    """Feature maps and both classes' Grad-CAM densities for a batch, one pass."""
+    atlas = compute_atlas(model, images, target="dog", stage=stage, activations=keep_activations)
+    dog, cat = signed_maps(atlas)
+    size = tuple(images.shape[-2:])
+    out = []
+    for i, name in enumerate(names):
+        im = ImageMaps(
+            name=name, image=images[i].cpu(), prob_dog=float(atlas.probs[i]), label=labels[i]
+        )
+        for layer in atlas.layer_names:
+            im.density_dog[layer] = to_density(dog[layer][i : i + 1], size)[0, 0].cpu()
+            im.density_cat[layer] = to_density(cat[layer][i : i + 1], size)[0, 0].cpu()
+            if keep_activations:
+                im.activations[layer] = atlas.activations[layer][i].cpu()
+        out.append(im)
+    return out
+
+
+def normalise_maps(
+    maps: Sequence[ImageMaps], normalize: Normalize, scale: float | None = None
+) -> float | None:
+    """Fill the displayable ``dog``/``cat`` maps in [0, 1] and their zero flags.
+
+    ``per_map`` stretches each map to its own maximum (what CAM libraries do);
+    ``shared`` divides every map by one scale (a high quantile of all maps given,
+    or ``scale``) so weak evidence looks weak across layers and checkpoints.
+
+    Returns:
+        The shared scale used, or ``None`` for per-map.
+    """
+    if normalize == "shared" and scale is None:
+        scale = shared_scale(
+            [d for m in maps for d in (*m.density_dog.values(), *m.density_cat.values())]
+        )
+    for m in maps:
+        for cls in ("dog", "cat"):
+            dens = getattr(m, f"density_{cls}")
+            shown, zeros = getattr(m, cls), getattr(m, f"zero_{cls}")
+            for layer, d in dens.items():
+                per, zero = normalize_per_map(d[None, None])
+                zeros[layer] = bool(zero[0])
+                shown[layer] = (
+                    per[0, 0] if normalize == "per_map" else normalize_shared(d, float(scale))
+                )
+    return scale if normalize == "shared" else None
+
+
+def title_of(m: ImageMaps) -> str:
+    """File name plus prediction, probability and true label."""
+    return f"{m.name}   {overlay_label(m.prob_dog, m.label)}"
+
+
+def write_image_files(
+    m: ImageMaps, out: Path, max_channels: int = 64, overview_n: int = 8
+) -> dict[str, Any]:
+    """All figures of one image: feature grids, overview, overlays and the atlas."""
+    files: dict[str, Any] = {"features": {}, "gradcam_dog": {}, "gradcam_cat": {}}
+    title = title_of(m)
+    for layer, act in m.activations.items():
+        p = save_figure(
+            feature_map_grid(act, layer, max_channels=max_channels),
+            out / "features" / f"{layer}.png",
+        )
+        files["features"][layer] = p.relative_to(out).as_posix()
+    if m.activations:
+        p = save_figure(
+            feature_overview(m.activations, n=overview_n), out / "features_overview.png"
+        )
+        files["features_overview"] = p.relative_to(out).as_posix()
+    for cls in ("dog", "cat"):
+        shown, zeros = getattr(m, cls), getattr(m, f"zero_{cls}")
+        for layer, map01 in shown.items():
+            fig = gradcam_overlay(
+                m.image, map01, f"{layer}, {cls} score — {title}", zero=zeros[layer]
+            )
+            p = save_figure(fig, out / "gradcam" / f"{layer}_{cls}.png")
+            files[f"gradcam_{cls}"][layer] = p.relative_to(out).as_posix()
+    p = save_figure(
+        atlas_figure(m.image, m.dog, m.cat, m.zero_dog, m.zero_cat, title=title), out / "atlas.png"
+    )
+    files["atlas"] = p.relative_to(out).as_posix()
+    return files
+
+
+def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """Consecutive slices of ``size``."""
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def load_inputs(
+    paths: Sequence[Path], size: int, resize: str, labels: Sequence[int | None] | None = None
+) -> tuple[list[tuple[Path, torch.Tensor, int | None]], list[tuple[str, str]]]:
+    """Decode images, keeping the readable ones and the reasons for the others."""
+    ok, skipped = [], []
+    for i, p in enumerate(paths):
+        try:
+            x = load_image(p, size, resize)
+        except (ImageDecodeError, OSError) as exc:
+            skipped.append((str(p), getattr(exc, "reason", str(exc))))
+            continue
+        ok.append((p, x, labels[i] if labels is not None else label_from_path(p)))
+    if skipped:
+        listed = "; ".join(f"{p} ({r})" for p, r in skipped[:20])
+        more = f" and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s): {listed}{more}", stacklevel=2)
+    return ok, skipped
+
+
+def run_explain(
+    ckpt_path: str,
+    out: str,
+    images: list[str] | None = None,
+    n: int = 8,
+    split_file: str | None = None,
+    stage: Stage = "post",
+    normalize: Normalize = "per_map",
+    device: str = "auto",
+    batch_size: int = 16,
+    max_channels: int = 64,
+    overview_n: int = 8,
+    resize: Literal["nearest", "bilinear", "antialias"] = "nearest",
+) -> Path:
+    """Write feature maps of every layer, Grad-CAM of every layer (cat and dog) and an atlas per image.
+
+    Args:
+        ckpt_path: A checkpoint written by ``fit``; it alone rebuilds the network.
+        out: Output folder; replaced as a whole when the command succeeds.
+        images: Image files or folders. Without them, ``n`` test images (half cats,
+            half dogs) come from the run's ``split.csv``.
+        n: How many test-split images to take when ``images`` is not given.
+        split_file: A ``split.csv``; defaults to the one beside the checkpoint's run.
+        stage: Feature maps after the ReLU (``post``, the seed's) or before (``pre``).
+        normalize: Grad-CAM display scale: ``per_map`` or ``shared`` across layers.
+        device: ``auto`` (GPU when there is one), ``cpu`` or ``cuda``.
+        batch_size: Images per forward/backward pass.
+        max_channels: Channels drawn per layer in the feature-map grids.
+        overview_n: Channels per layer in the overview figure.
+        resize: How images are brought to the model's input size.
+
+    Returns:
+        The output folder.
+    """
+    from lightning_vgg.checkpointing import run_dir_of_checkpoint
+    from lightning_vgg.data.split import read_split_csv
+    from lightning_vgg.fileio import staged_dir, write_json
+
+    model = load_model(ckpt_path, device)
+    size = int(model.hparams.input_size)
+    labels: list[int | None] | None = None
+    if images:
+        paths = collect_images(images)
+    else:
+        split = Path(split_file) if split_file else run_dir_of_checkpoint(ckpt_path) / "split.csv"
+        if not split.is_file():
+            raise UserError(
+                f"no --images given and no split file at {split}; pass --images PATH or --split_file"
+            )
+        rows = [r for r in read_split_csv(split) if r[2] == "test"]
+        half = max(1, n // 2)
+        picked = [r for r in rows if r[1] == 0][:half] + [r for r in rows if r[1] == 1][: n - half]
+        paths, labels = [Path(r[0]) for r in picked], [r[1] for r in picked]
+    loaded, skipped = load_inputs(paths, size, resize, labels)
+    if not loaded:
+        raise UserError(
+            f"none of the {len(paths)} image(s) could be read: "
+            + "; ".join(f"{p} ({r})" for p, r in skipped[:5])
+        )
+
+    records = []
+    with staged_dir(out) as stage_dir:
+        bar = tqdm(total=len(loaded), desc="explaining", unit="img", disable=len(loaded) < 4)
+        used: set[str] = set()
+        for chunk in batches(loaded, batch_size):
+            x = torch.stack([c[1] for c in chunk])
+            maps = image_maps(
+                model, x, [c[0].name for c in chunk], [c[2] for c in chunk], stage=stage
+            )
+            normalise_maps(maps, normalize)
+            for (path, _, label), m in zip(chunk, maps, strict=True):
+                folder = _unique(f"{len(records):04d}_{path.stem}", used)
+                files = write_image_files(m, stage_dir / folder, max_channels, overview_n)
+                records.append(
+                    {
+                        "image": str(path),
+                        "folder": folder,
+                        "label": None if label is None else CLASS_NAMES[label],
+                        "prob_dog": m.prob_dog,
+                        "pred": CLASS_NAMES[int(m.prob_dog >= 0.5)],
+                        "zero_maps": {
+                            "dog": sorted(k for k, v in m.zero_dog.items() if v),
+                            "cat": sorted(k for k, v in m.zero_cat.items() if v),
+                        },
+                        "files": {k: _prefix(folder, v) for k, v in files.items()},
+                    }
+                )
+                bar.update(1)
+        bar.close()
+        write_json(
+            stage_dir / "explain.json",
+            {
+                "checkpoint": str(Path(ckpt_path).resolve()),
+                "device": str(next(model.parameters()).device),
+                "stage": stage,
+                "normalize": normalize,
+                "input_size": size,
+                "images": records,
+                "skipped": [{"image": p, "reason": r} for p, r in skipped],
+            },
+        )
+    print(f"wrote {len(records)} image(s) to {out}")
+    return Path(out)
+
+
+def _unique(name: str, used: set[str]) -> str:
+    safe = re.sub(r"[^\w.\-]+", "_", name)
+    while safe in used:
+        safe += "_"
+    used.add(safe)
+    return safe
+
+
+def _prefix(folder: str, value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: f"{folder}/{v}" for k, v in value.items()}
+    return f"{folder}/{value}"
