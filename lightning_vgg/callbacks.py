@@ -201,12 +201,13 @@ class _ProbeCallback(Callback):
         return self._probe
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> None:
-        if not trainer.is_global_zero or trainer.log_dir is None or trainer.sanity_checking:
+        if not trainer.is_global_zero or trainer.sanity_checking:
             return
         probes = self._probes(trainer)
         if probes is None:
             return
-        out = Path(trainer.log_dir) / "visualizations" / tag
+        # fast_dev_run swaps in a logger without a directory: use the root dir then
+        out = Path(trainer.log_dir or trainer.default_root_dir) / "visualizations" / tag
         figures = self.figures(pl_module, *probes)
         logger = trainer.logger
         experiment = getattr(logger, "experiment", None) if self.log_to_logger else None

@@ -25,8 +25,17 @@ from lightning_vgg.errors import UserError
 from lightning_vgg.models.module import VGGClassifier
 
 
-def function_command(fn: Callable[..., Any], name: str) -> Callable[[list[str]], None]:
-    """A subcommand whose flags are ``fn``'s typed, documented arguments (jsonargparse)."""
+def function_command(
+    fn: Callable[..., Any], name: str, multi: dict[str, str] | None = None
+) -> Callable[[list[str]], None]:
+    """A subcommand whose flags are ``fn``'s typed, documented arguments (jsonargparse).
+
+    Args:
+        fn: The function; its signature and docstring become the flags and help.
+        name: Subcommand name, for ``--help``.
+        multi: ``{argument: help}`` for list arguments given as ``--arg A B C``.
+    """
+    many = multi or {}
 
     def run(argv: list[str]) -> None:
         from jsonargparse import ArgumentParser
@@ -35,7 +44,9 @@ def function_command(fn: Callable[..., Any], name: str) -> Callable[[list[str]],
             prog=f"lightning-vgg {name}", exit_on_error=False, default_env=False
         )
         parser.add_argument("--config", action="config", help="YAML file with these options")
-        parser.add_function_arguments(fn, as_group=False)
+        parser.add_function_arguments(fn, as_group=False, skip=set(many))
+        for arg, text in many.items():
+            parser.add_argument(f"--{arg}", nargs="+", default=None, help=text, metavar="PATH")
         cfg = parser.parse_args(argv)
         kwargs = {k: v for k, v in cfg.items() if k != "config" and not k.startswith("__")}
         fn(**kwargs)
@@ -46,7 +57,7 @@ def function_command(fn: Callable[..., Any], name: str) -> Callable[[list[str]],
 def _explain(argv: list[str]) -> None:
     from lightning_vgg.explain.run import run_explain
 
-    function_command(run_explain, "explain")(argv)
+    function_command(run_explain, "explain", {"images": "image files or folders"})(argv)
 
 
 #: Subcommands that are not LightningCLI's; each maps to ``fn(argv) -> None``.

@@ -34,7 +34,7 @@ def test_batches_are_rescaled_floats(mini_zip: Path, tmp_path: Path) -> None:
     batch = next(iter(dm.train_dataloader()))
     x, y, _ = dm.on_after_batch_transfer(batch, 0)
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32
-    assert 0.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.05
+    assert x.min() >= 0.0 and x.max() <= 1.0 and x.std() > 0.05
     assert set(y.tolist()) <= {0, 1}
     assert len(dm.train_dataloader()) == 3
     assert len(dm.val_dataloader()) == 3  # ceil(20 / 8), whole split

@@ -25,8 +25,10 @@ from matplotlib.figure import Figure
 
 __all__ = [
     "OVERLAY_ALPHA",
+    "atlas_comparison",
     "atlas_figure",
     "draw_overlay",
+    "feature_comparison",
     "feature_map_grid",
     "feature_overview",
     "gradcam_overlay",
@@ -368,4 +370,132 @@ def gallery_figure(
         else:
             ax.set_axis_off()
     fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def feature_comparison(
+    acts_by_model: Mapping[str, Mapping[str, Any]],
+    image: Any | None = None,
+    n: int = 8,
+    title: str = "",
+) -> Figure:
+    """The first ``n`` channels of every layer for several models, layer beside layer.
+
+    One row per layer, one column per model (e.g. good | broken), each cell a strip
+    of ``n`` channels min-max scaled on their own (:func:`minmax`; a dead channel is
+    drawn flat, in the colormap's darkest colour). With ``image`` the first row shows
+    the input once per column.
+
+    Args:
+        acts_by_model: ``model name -> (layer -> (C, h, w))`` for one image; every
+            model must have the same layers, in network order.
+        image: ``(3, H, W)`` in ``[0, 1]``, drawn on top; ``None`` leaves it out.
+        n: Channels per layer and model.
+        title: Figure title.
+    """
+    models = list(acts_by_model)
+    if not models:
+        raise ValueError("feature_comparison needs at least one model")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    layers = list(acts_by_model[models[0]])
+    if not layers:
+        raise ValueError("feature_comparison needs at least one layer")
+    for m in models[1:]:
+        if list(acts_by_model[m]) != layers:
+            raise ValueError(f"model {m!r} has layers {list(acts_by_model[m])}, not {layers}")
+    rows = len(layers) + (image is not None)
+    cols = len(models)
+    fig = _figure(cols * (0.75 * n + 0.4) + 1.6, 0.8 * rows + 0.7)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    offset = 0
+    if image is not None:
+        for j, m in enumerate(models):
+            ax = axes[0, j]
+            ax.imshow(_image_hwc(image), interpolation="bilinear")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_frame_on(False)
+            ax.set_title(m, fontsize=10)
+        axes[0, 0].set_ylabel("input", rotation=0, ha="right", va="center", fontsize=8)
+        offset = 1
+    for i, layer in enumerate(layers):
+        for j, m in enumerate(models):
+            a = _np(acts_by_model[m][layer])
+            if a.ndim != 3:
+                raise ValueError(f"{m}/{layer}: act must be (C, h, w), got shape {a.shape}")
+            ax = axes[i + offset, j]
+            _mosaic_axis(ax, tile_channels(a[:n], n, cell=32, pad=2))
+            if i == 0 and image is None:
+                ax.set_title(m, fontsize=10)
+            if j == 0:
+                ax.set_ylabel(
+                    f"{layer}\n{tuple(int(s) for s in a.shape)}",
+                    rotation=0,
+                    ha="right",
+                    va="center",
+                    fontsize=7,
+                )
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def atlas_comparison(
+    image: Any,
+    rows: Mapping[str, tuple[Mapping[str, Any], Mapping[str, bool]]],
+    title: str = "",
+    colorbar_label: str | None = None,
+) -> Figure:
+    """Grad-CAM of every layer for several (model, class) rows of one image, one scale.
+
+    The image sits at the left; each row is one model's map for one class (e.g.
+    ``good: dog``), one column per layer in network order. Maps are drawn as given
+    (``[0, 1]``, fixed colour limits), so on maps normalised by one shared scale a
+    weak model's weak evidence looks weak. All-zero maps are flagged in text.
+
+    Args:
+        image: ``(3, H, W)`` in ``[0, 1]``.
+        rows: ``row label -> (layer -> (H, W) map in [0, 1], layer -> all-zero flag)``;
+            every row must have the same layers.
+        title: Figure title.
+        colorbar_label: When given, a 0..1 colour bar with this label (e.g. the shared
+            scale in physical units) is drawn at the right.
+    """
+    labels = list(rows)
+    if not labels:
+        raise ValueError("atlas_comparison needs at least one row")
+    layers = list(rows[labels[0]][0])
+    if not layers:
+        raise ValueError("atlas_comparison needs at least one layer")
+    for lab in labels[1:]:
+        if list(rows[lab][0]) != layers:
+            raise ValueError(f"row {lab!r} has layers {list(rows[lab][0])}, not {layers}")
+    n_rows, cols = len(labels), len(layers)
+    extra = 0.35 if colorbar_label else 0.0
+    fig = _figure(1.3 * (cols + 1.8) + extra * 3, 1.35 * n_rows + 0.9, constrained=False)
+    ratios = [1.4, 0.35] + [1.0] * cols + ([0.12] if colorbar_label else [])
+    grid = fig.add_gridspec(
+        n_rows, len(ratios), width_ratios=ratios, wspace=0.05, hspace=0.12, top=0.86
+    )
+    draw_overlay(fig.add_subplot(grid[:, 0]), image, None, "image")
+    for i, lab in enumerate(labels):
+        maps, zeros = rows[lab]
+        for j, layer in enumerate(layers):
+            ax = fig.add_subplot(grid[i, j + 2])
+            draw_overlay(
+                ax, image, maps[layer], layer if i == 0 else None, zero=zeros.get(layer), fontsize=7
+            )
+            if j == 0:
+                ax.set_ylabel(lab, fontsize=8)
+    if colorbar_label:
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        cax = fig.add_subplot(grid[:, -1])
+        fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap="jet"), cax=cax)
+        cax.set_ylabel(colorbar_label, fontsize=8)
+        cax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=11)
     return fig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -284,6 +285,7 @@ def run_explain(
     max_channels: int = 64,
     overview_n: int = 8,
     resize: Literal["nearest", "bilinear", "antialias"] = "nearest",
+    workers: int = 2,
 ) -> Path:
     """Write feature maps of every layer, Grad-CAM of every layer (cat and dog) and an atlas per image.
 
@@ -301,6 +303,8 @@ def run_explain(
         max_channels: Channels drawn per layer in the feature-map grids.
         overview_n: Channels per layer in the overview figure.
         resize: How images are brought to the model's input size.
+        workers: Processes drawing figures (matplotlib is the slow part); 0 draws
+            in this process.
 
     Returns:
         The output folder.
@@ -331,34 +335,32 @@ def run_explain(
             + "; ".join(f"{p} ({r})" for p, r in skipped[:5])
         )
 
-    records = []
-    with staged_dir(out) as stage_dir:
+    records: list[dict[str, Any]] = []
+    with staged_dir(out) as stage_dir, _figure_pool(workers) as pool:
         bar = tqdm(total=len(loaded), desc="explaining", unit="img", disable=len(loaded) < 4)
         used: set[str] = set()
+        pending = []
         for chunk in batches(loaded, batch_size):
             x = torch.stack([c[1] for c in chunk])
-            maps = image_maps(
-                model, x, [c[0].name for c in chunk], [c[2] for c in chunk], stage=stage
-            )
+            names = [c[0].name for c in chunk]
+            maps = image_maps(model, x, names, [c[2] for c in chunk], stage=stage)
             normalise_maps(maps, normalize)
             for (path, _, label), m in zip(chunk, maps, strict=True):
-                folder = _unique(f"{len(records):04d}_{path.stem}", used)
-                files = write_image_files(m, stage_dir / folder, max_channels, overview_n)
-                records.append(
-                    {
-                        "image": str(path),
-                        "folder": folder,
-                        "label": None if label is None else CLASS_NAMES[label],
-                        "prob_dog": m.prob_dog,
-                        "pred": CLASS_NAMES[int(m.prob_dog >= 0.5)],
-                        "zero_maps": {
-                            "dog": sorted(k for k, v in m.zero_dog.items() if v),
-                            "cat": sorted(k for k, v in m.zero_cat.items() if v),
-                        },
-                        "files": {k: _prefix(folder, v) for k, v in files.items()},
-                    }
+                folder = _unique(f"{len(records) + len(pending):04d}_{path.stem}", used)
+                args = (m, stage_dir / folder, max_channels, overview_n)
+                job = (
+                    pool.submit(write_image_files, *args)
+                    if pool
+                    else _Done(write_image_files(*args))
                 )
+                pending.append((path, label, folder, m.prob_dog, m.zero_dog, m.zero_cat, job))
+            # Drawing is the slow part; keep at most two batches in flight.
+            while len(pending) > 2 * batch_size or (pending and pending[0][-1].done()):
+                records.append(_record(*pending.pop(0)))
                 bar.update(1)
+        while pending:
+            records.append(_record(*pending.pop(0)))
+            bar.update(1)
         bar.close()
         write_json(
             stage_dir / "explain.json",
@@ -388,3 +390,54 @@ def _prefix(folder: str, value: Any) -> Any:
     if isinstance(value, dict):
         return {k: f"{folder}/{v}" for k, v in value.items()}
     return f"{folder}/{value}"
+
+
+class _Done:
+    """A finished job, so serial and pooled drawing share one code path."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> Any:
+        return self.value
+
+
+@contextlib.contextmanager
+def _figure_pool(workers: int) -> Iterator[Any]:
+    """A fork-based process pool for drawing, or ``None`` for serial drawing."""
+    if workers <= 0:
+        yield None
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        yield pool
+
+
+def _record(
+    path: Path,
+    label: int | None,
+    folder: str,
+    prob_dog: float,
+    zero_dog: dict[str, bool],
+    zero_cat: dict[str, bool],
+    job: Any,
+) -> dict[str, Any]:
+    files = job.result()
+    return {
+        "image": str(path),
+        "folder": folder,
+        "label": None if label is None else CLASS_NAMES[label],
+        "prob_dog": prob_dog,
+        "pred": CLASS_NAMES[int(prob_dog >= 0.5)],
+        "zero_maps": {
+            "dog": sorted(k for k, v in zero_dog.items() if v),
+            "cat": sorted(k for k, v in zero_cat.items() if v),
+        },
+        "files": {k: _prefix(folder, v) for k, v in files.items()},
+    }

@@ -1,0 +1,148 @@
+"""Figures of the comparison report: both runs' curves and measures on shared axes.
+
+Like :mod:`lightning_vgg.explain.plots`, every function returns a Figure on the Agg
+canvas (no pyplot), to be saved with :func:`lightning_vgg.fileio.save_figure`. Runs are
+given as ``name -> data`` mappings in display order; each run keeps one colour in all
+figures (the first is blue, the second orange). Missing values (``None``) leave gaps
+rather than being drawn as zeros.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+#: Colours of the runs, in order (matplotlib's first two defaults, then more).
+RUN_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _finite(v: Any) -> float | None:
+    if v is None:
+        return None
+    f = float(v)
+    return f if math.isfinite(f) else None
+
+
+def history_comparison(runs: Mapping[str, Sequence[Mapping[str, float]]]) -> Figure:
+    """Accuracy and loss against epoch for several runs (train solid, val dashed).
+
+    Args:
+        runs: ``run name -> metrics.csv rows`` (as
+            :func:`lightning_vgg.report.history.read_metrics_csv` returns them).
+    """
+    fig = _figure(12, 4.2)
+    axes = fig.subplots(1, 2)
+    for ax, kind in zip(axes, ("acc", "loss"), strict=True):
+        for (name, rows), colour in zip(runs.items(), RUN_COLOURS, strict=False):
+            for stage, style in (("train", "-"), ("val", "--")):
+                key = f"{stage}/{kind}"
+                pts = [
+                    (int(r["epoch"]) + 1, float(r[key]))
+                    for r in rows
+                    if "epoch" in r and _finite(r.get(key)) is not None
+                ]
+                if pts:
+                    xs, ys = zip(*pts, strict=True)
+                    ax.plot(
+                        xs,
+                        ys,
+                        style,
+                        color=colour,
+                        label=f"{name} {stage}",
+                        marker="." if len(pts) < 30 else None,
+                    )
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy" if kind == "acc" else "loss")
+        ax.set_title("Accuracy" if kind == "acc" else "Loss")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no metrics", transform=ax.transAxes, ha="center")
+    return fig
+
+
+def measures_by_layer(
+    per_run: Mapping[str, Mapping[str, Mapping[str, float | None]]],
+    panels: Sequence[tuple[str, str]],
+    cols: int = 3,
+    title: str = "",
+) -> Figure:
+    """One panel per measure, the measure against layer depth, every run on one axis.
+
+    Args:
+        per_run: ``run name -> layer -> measure -> value`` (layers in network order,
+            the same for every run).
+        panels: ``(measure key, panel title)`` in display order.
+        cols: Panels per row.
+        title: Figure title.
+    """
+    rows = math.ceil(len(panels) / cols)
+    fig = _figure(4.3 * cols, 3.1 * rows + (0.4 if title else 0))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (key, label) in zip(axes, panels, strict=False):
+        layers: list[str] = []
+        for (name, table), colour in zip(per_run.items(), RUN_COLOURS, strict=False):
+            layers = list(table)
+            ys = [_finite(table[layer].get(key)) for layer in layers]
+            ax.plot(
+                range(len(layers)),
+                [math.nan if y is None else y for y in ys],
+                "-o",
+                color=colour,
+                label=name,
+                markersize=3,
+            )
+        ax.set_xticks(range(len(layers)))
+        ax.set_xticklabels(
+            [layer.replace("block", "b").replace("_conv", ".") for layer in layers],
+            rotation=90,
+            fontsize=7,
+        )
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[len(panels) :]:
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def deletion_insertion_curves(
+    curves: Mapping[str, Mapping[str, Any]], layer: str, baseline: str
+) -> Figure:
+    """Mean deletion and insertion curves of each run, Grad-CAM vs random order.
+
+    Args:
+        curves: ``run name -> {"fractions": [...], "gradcam": {"deletion": [...],
+            "insertion": [...]}, "random": {...}}``, mean probability curves.
+        layer: The conv layer whose Grad-CAM ordered the pixels (for the title).
+        baseline: What removed pixels were replaced by (for the title).
+    """
+    fig = _figure(11, 4)
+    axes = fig.subplots(1, 2)
+    for ax, kind in zip(axes, ("deletion", "insertion"), strict=True):
+        for (name, c), colour in zip(curves.items(), RUN_COLOURS, strict=False):
+            xs = c["fractions"]
+            ax.plot(xs, c["gradcam"][kind], "-", color=colour, label=f"{name}: Grad-CAM")
+            ax.plot(xs, c["random"][kind], ":", color=colour, label=f"{name}: random")
+        ax.set_xlabel(f"fraction of pixels {'removed' if kind == 'deletion' else 'revealed'}")
+        ax.set_ylabel("P(explained class)")
+        ax.set_ylim(-0.02, 1.02)
+        better = "lower" if kind == "deletion" else "higher"
+        ax.set_title(f"{kind.capitalize()} ({better} area is better)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Faithfulness of {layer} Grad-CAM ({baseline} baseline)", fontsize=11)
+    return fig
