@@ -60,8 +60,39 @@ def _explain(argv: list[str]) -> None:
     function_command(run_explain, "explain", {"images": "image files or folders"})(argv)
 
 
+def _compare(argv: list[str]) -> None:
+    from lightning_vgg.report.compare import run_compare
+
+    function_command(run_compare, "compare")(argv)
+
+
+def _experiment(argv: list[str]) -> None:
+    from lightning_vgg.report.experiment import run_experiment
+
+    function_command(run_experiment, "experiment")(argv)
+
+
 #: Subcommands that are not LightningCLI's; each maps to ``fn(argv) -> None``.
-EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {"explain": _explain}
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "explain": _explain,
+    "compare": _compare,
+    "experiment": _experiment,
+}
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` after every validation: what ``--ckpt_path last`` resumes from."""
+
+    def __init__(self, every_n_epochs: int = 1) -> None:
+        super().__init__(
+            filename="last",
+            monitor=None,
+            save_top_k=1,
+            every_n_epochs=every_n_epochs,
+            enable_version_counter=False,
+            # after RunArtifacts has recorded the epoch, so its state is saved too
+            save_on_train_epoch_end=True,
+        )
 
 
 class FitConfigSaver(SaveConfigCallback):
@@ -78,6 +109,7 @@ class VGGLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.image_size", "model.input_size")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(RunArtifacts, "artifacts")
         parser.add_lightning_class_args(FiniteLossGuard, "finite_guard")
         parser.add_lightning_class_args(MisclassificationGallery, "gallery")
@@ -86,7 +118,10 @@ class VGGLightningCLI(LightningCLI):
                 "checkpoint.monitor": "val/acc",
                 "checkpoint.mode": "max",
                 "checkpoint.filename": "best",
-                "checkpoint.save_last": True,
+                # ModelCheckpoint's save_last only copies when a top-k file is saved;
+                # LastCheckpoint writes last.ckpt after every epoch instead.
+                "checkpoint.save_last": False,
+                "checkpoint.save_on_train_epoch_end": True,
                 "checkpoint.auto_insert_metric_name": False,
                 "checkpoint.enable_version_counter": False,
                 "trainer.logger": {

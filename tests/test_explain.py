@@ -38,16 +38,33 @@ def test_explain_writes_every_file_for_files_and_folders(
     folder.mkdir()
     shutil.copy(dog_photo, folder / "dog.1.jpg")
     out = tmp_path / "out dir é"
-    main(["explain", f"--ckpt_path={ckpt}", "--images", str(cat_photo), str(folder), f"--out={out}", "--device=cpu"])
+    main(
+        [
+            "explain",
+            f"--ckpt_path={ckpt}",
+            "--images",
+            str(cat_photo),
+            str(folder),
+            f"--out={out}",
+            "--device=cpu",
+        ]
+    )
     report = json.loads((out / "explain.json").read_text())
     assert [Path(r["image"]).name for r in report["images"]] == [cat_photo.name, "dog.1.jpg"]
     assert report["images"][1]["label"] == "dog"  # from the Kaggle-style name
     for rec in report["images"]:
-        assert 0.0 <= rec["prob_dog"] <= 1.0 and rec["pred"] == ("dog" if rec["prob_dog"] >= 0.5 else "cat")
+        assert 0.0 <= rec["prob_dog"] <= 1.0 and rec["pred"] == (
+            "dog" if rec["prob_dog"] >= 0.5 else "cat"
+        )
         files = rec["files"]
         assert set(files["features"]) == set(LAYERS)
         assert set(files["gradcam_dog"]) == set(LAYERS) and set(files["gradcam_cat"]) == set(LAYERS)
-        for rel in [*files["features"].values(), *files["gradcam_dog"].values(), files["atlas"], files["features_overview"]]:
+        for rel in [
+            *files["features"].values(),
+            *files["gradcam_dog"].values(),
+            files["atlas"],
+            files["features_overview"],
+        ]:
             with Image.open(out / rel) as im:
                 assert im.size[0] > 100
     assert not list(tmp_path.glob(".out*partial")), "no staging folder left"
@@ -57,14 +74,18 @@ def test_explain_without_images_uses_the_runs_test_split(tmp_path: Path, mini_di
     run = tmp_path / "runs" / "x" / "version_0"
     ckpt = tiny_checkpoint(run / "checkpoints" / "best.ckpt")
     imgs = pick_images(mini_dir, 2)
-    lines = ["path,label,split"] + [f"{p},{0 if c == 'Cat' else 1},test" for c, ps in imgs.items() for p in ps]
+    lines = ["path,label,split"] + [
+        f"{p},{0 if c == 'Cat' else 1},test" for c, ps in imgs.items() for p in ps
+    ]
     (run / "split.csv").write_text("\n".join(lines) + "\n")
     main(["explain", f"--ckpt_path={ckpt}", "--n=2", f"--out={tmp_path / 'e'}", "--device=cpu"])
     recs = json.loads((tmp_path / "e" / "explain.json").read_text())["images"]
     assert [r["label"] for r in recs] == ["cat", "dog"]
 
 
-def test_explain_handles_odd_files(tmp_path: Path, cat_photo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_explain_handles_odd_files(
+    tmp_path: Path, cat_photo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ckpt = tiny_checkpoint(tmp_path / "m.ckpt")
     odd = tmp_path / "odd"
     odd.mkdir()
@@ -74,28 +95,63 @@ def test_explain_handles_odd_files(tmp_path: Path, cat_photo: Path, capsys: pyte
     Image.open(cat_photo).convert("CMYK").save(odd / "cmyk.jpg")
     Image.new("1", (10_000, 10_000)).save(odd / "huge.png")  # 100 MP: refused before decoding
     with pytest.warns(UserWarning, match="skipped 2 unreadable"):
-        main(["explain", f"--ckpt_path={ckpt}", "--images", str(odd), f"--out={tmp_path / 'o'}", "--device=cpu"])
+        main(
+            [
+                "explain",
+                f"--ckpt_path={ckpt}",
+                "--images",
+                str(odd),
+                f"--out={tmp_path / 'o'}",
+                "--device=cpu",
+            ]
+        )
     report = json.loads((tmp_path / "o" / "explain.json").read_text())
-    assert sorted(Path(r["image"]).name for r in report["images"]) == ["cmyk.jpg", "gray.jpg", "one_pixel.png"]
+    assert sorted(Path(r["image"]).name for r in report["images"]) == [
+        "cmyk.jpg",
+        "gray.jpg",
+        "one_pixel.png",
+    ]
     reasons = {Path(s["image"]).name: s["reason"] for s in report["skipped"]}
     assert set(reasons) == {"notes.jpg", "huge.png"} and "pixels" in reasons["huge.png"]
 
     with pytest.raises(SystemExit) as exc:
-        main(["explain", f"--ckpt_path={ckpt}", "--images", str(odd / "notes.jpg"), f"--out={tmp_path / 'p'}"])
+        main(
+            [
+                "explain",
+                f"--ckpt_path={ckpt}",
+                "--images",
+                str(odd / "notes.jpg"),
+                f"--out={tmp_path / 'p'}",
+            ]
+        )
     assert exc.value.code == 2 and "could be read" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
 
 
-def test_explain_rejects_bad_checkpoints(tmp_path: Path, cat_photo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_explain_rejects_bad_checkpoints(
+    tmp_path: Path, cat_photo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"\x00garbage")
     other = tmp_path / "other.ckpt"
     ckpt = torch.load(tiny_checkpoint(tmp_path / "w.ckpt", width=1 / 8), weights_only=False)
     ckpt["hyper_parameters"]["width"] = 1 / 16  # weights of one width, claims another
     torch.save(ckpt, other)
-    for path, words in ((tmp_path / "missing.ckpt", "not found"), (bad, "cannot read"), (other, "does not match")):
+    for path, words in (
+        (tmp_path / "missing.ckpt", "not found"),
+        (bad, "cannot read"),
+        (other, "does not match"),
+    ):
         with pytest.raises(SystemExit):
-            main(["explain", f"--ckpt_path={path}", "--images", str(cat_photo), f"--out={tmp_path / 'o'}"])
+            main(
+                [
+                    "explain",
+                    f"--ckpt_path={path}",
+                    "--images",
+                    str(cat_photo),
+                    f"--out={tmp_path / 'o'}",
+                ]
+            )
         assert words in capsys.readouterr().err
 
 
@@ -114,7 +170,9 @@ def tiny_dm(mini_zip: Path, tmp_path_factory: pytest.TempPathFactory) -> CatsDog
     return dm
 
 
-def test_callbacks_write_pngs_under_fast_dev_run(tmp_path: Path, tiny_dm: CatsDogsDataModule) -> None:
+def test_callbacks_write_pngs_under_fast_dev_run(
+    tmp_path: Path, tiny_dm: CatsDogsDataModule
+) -> None:
     model = VGGClassifier(width=1 / 16, input_size=32, hidden=64)
     fm = FeatureMapCallback(every_n_epochs=1, per_class=1, max_channels=8)
     gc = GradCAMCallback(every_n_epochs=1, per_class=1)
@@ -128,7 +186,10 @@ def test_callbacks_write_pngs_under_fast_dev_run(tmp_path: Path, tiny_dm: CatsDo
     )
     trainer.fit(model, tiny_dm)
     pngs = sorted(p.name for p in tmp_path.rglob("visualizations/*/*.png"))
-    assert {p.parent.name for p in tmp_path.rglob("visualizations/*/*.png")} == {"epoch_000", "fit_end"}
+    assert {p.parent.name for p in tmp_path.rglob("visualizations/*/*.png")} == {
+        "epoch_000",
+        "fit_end",
+    }
     assert any(p.startswith("features_cat0_") and "overview" in p for p in pngs)
     assert any(p.startswith("features_dog1_") and "block5_conv3" in p for p in pngs)
     assert sum(p.startswith("gradcam_") for p in pngs) == 4  # 2 probes x (epoch end, fit end)

@@ -1,10 +1,11 @@
 """Issue 6: what survives a kill, a NaN, a full disk, a dropped download and odd paths.
 
 Every fit here is the quick config shrunk to seconds (32 px, 40/20/20 images, two
-training batches per epoch that cross the Keras stream's passes). One uninterrupted
-four-epoch run is the reference that the killed, resumed and repeated runs must
-reproduce bit for bit: batches are a pure function of (seed, epoch) and augmentation
-of (seed, draw key), so a run resumed at an epoch boundary is the same run.
+training batches per epoch that cross the Keras stream's passes, no figure callbacks,
+one CPU thread). One uninterrupted three-epoch run is the reference that the killed,
+resumed and repeated runs must reproduce bit for bit: batches are a pure function of
+(seed, epoch) and augmentation of (seed, draw key), so a run resumed at an epoch
+boundary is the same run.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
-from lightning_vgg.checkpointing import AtomicCheckpointIO
+from lightning_vgg.checkpointing import AtomicCheckpointIO, RunCheckpoint
 from lightning_vgg.cli import main
 from lightning_vgg.data import sources
 from lightning_vgg.data.datamodule import CatsDogsDataModule
@@ -54,8 +56,14 @@ TINY = [
     "--data.scan_workers=1",
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
+    "--trainer.callbacks=[]",  # the figure callbacks cost seconds and prove nothing here
 ]
 STEPS_PER_EPOCH = 2
+EPOCHS = 3
+#: Lightning >= 2.6 rewrites last.ckpt only when best.ckpt improves (see RunCheckpoint);
+#: monitoring the ever-growing step makes every epoch "best", so tests about *how* a
+#: checkpoint is written get one every epoch whatever the CLI's callback class.
+SAVE_EVERY_EPOCH = ["--checkpoint.monitor=step", "--checkpoint.mode=max"]
 
 
 class Killed(BaseException):
@@ -138,6 +146,15 @@ needs_proc = pytest.mark.skipif(
 # --------------------------------------------------------------------------- runs
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One thread: on a shared 2-core box, two OpenMP threads run 3-5x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory, mini_zip: Path) -> Path:
     """A folder whose ``cache/`` all fits share: one extraction, one scan, same paths."""
@@ -146,17 +163,23 @@ def work(tmp_path_factory: pytest.TempPathFactory, mini_zip: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(work: Path, mini_zip: Path) -> Path:
-    """An uninterrupted four-epoch run: the run every other one must reproduce."""
-    main(fit_args(work / "reference", work / "cache", "--trainer.max_epochs=4", source=mini_zip))
+    """An uninterrupted run: the run every other one must reproduce."""
+    main(
+        fit_args(
+            work / "reference", work / "cache", f"--trainer.max_epochs={EPOCHS}", source=mini_zip
+        )
+    )
     run = only_run(work / "reference")
     rows = metric_rows(run)
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
-    assert [int(r["step"]) for r in rows] == [STEPS_PER_EPOCH * (e + 1) for e in range(4)]
+    assert [int(r["epoch"]) for r in rows] == list(range(EPOCHS))
+    assert [int(r["step"]) for r in rows] == [STEPS_PER_EPOCH * (e + 1) for e in range(EPOCHS)]
     return run
 
 
 def test_same_seed_gives_identical_runs(reference: Path, work: Path, mini_zip: Path) -> None:
-    main(fit_args(work / "again", work / "cache", "--trainer.max_epochs=4", source=mini_zip))
+    main(
+        fit_args(work / "again", work / "cache", f"--trainer.max_epochs={EPOCHS}", source=mini_zip)
+    )
     run = only_run(work / "again")
     assert (run / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
     assert (run / "split.csv").read_bytes() == (reference / "split.csv").read_bytes()
@@ -167,21 +190,27 @@ def test_resume_at_epoch_boundary_is_exact(
     reference: Path, work: Path, mini_zip: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     save = work / "resumed"
-    main(fit_args(save, work / "cache", "--trainer.max_epochs=2", source=mini_zip))
-    assert [int(r["epoch"]) for r in metric_rows(only_run(save))] == [0, 1]
+    main(fit_args(save, work / "cache", "--trainer.max_epochs=1", source=mini_zip))
+    ckpts = only_run(save) / "checkpoints"
+    assert [int(r["epoch"]) for r in metric_rows(only_run(save))] == [0]
+    assert (load(ckpts / "last.ckpt")["epoch"], load(ckpts / "last.ckpt")["global_step"]) == (0, 2)
     capsys.readouterr()
     main(
         fit_args(
-            save, work / "cache", "--trainer.max_epochs=4", "--ckpt_path=last", source=mini_zip
+            save,
+            work / "cache",
+            f"--trainer.max_epochs={EPOCHS}",
+            "--ckpt_path=last",
+            source=mini_zip,
         )
     )
-    assert "resuming from" in capsys.readouterr().err
+    assert f"resuming from {ckpts / 'last.ckpt'}" in capsys.readouterr().err
     run = only_run(save)  # continued in the same run directory
     assert (run / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
     assert (run / "split.csv").read_bytes() == (reference / "split.csv").read_bytes()
-    last = load(run / "checkpoints" / "last.ckpt")
-    assert (last["epoch"], last["global_step"]) == (3, 4 * STEPS_PER_EPOCH)
-    assert same_weights(run / "checkpoints" / "last.ckpt", reference / "checkpoints" / "last.ckpt")
+    ref = reference / "checkpoints"
+    assert same_weights(ckpts / "last.ckpt", ref / "last.ckpt")
+    assert same_weights(ckpts / "best.ckpt", ref / "best.ckpt")  # best-so-far survived too
 
 
 class SlowFromEpoch(Callback):
@@ -199,10 +228,13 @@ class SlowFromEpoch(Callback):
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_sigkill_mid_training_then_resume(reference: Path, work: Path, mini_zip: Path) -> None:
     save = work / "killed"
-    args = fit_args(save, work / "cache", "--trainer.max_epochs=4", source=mini_zip)
+    args = fit_args(
+        save, work / "cache", f"--trainer.max_epochs={EPOCHS}", *SAVE_EVERY_EPOCH, source=mini_zip
+    )
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",  # as this process (one_thread): same numbers, bit for bit
     }
     proc = subprocess.Popen(
         [
@@ -218,16 +250,17 @@ def test_sigkill_mid_training_then_resume(reference: Path, work: Path, mini_zip:
         stderr=subprocess.PIPE,
     )
     last = save / "quick" / "version_0" / "checkpoints" / "last.ckpt"
-    deadline, seen_mtime, epoch = time.monotonic() + 180, None, -1
+    deadline, seen_mtime, epoch = time.monotonic() + 240, None, -1
     try:
         while epoch < 1:
-            assert proc.poll() is None, proc.stderr.read().decode(errors="replace")[-3000:]
+            if proc.poll() is not None:
+                pytest.fail(proc.stderr.read().decode(errors="replace")[-3000:])
             assert time.monotonic() < deadline, "no checkpoint of epoch 1 in time"
             time.sleep(0.05)
             if last.is_file() and last.stat().st_mtime_ns != seen_mtime:
                 seen_mtime = last.stat().st_mtime_ns
-                epoch = load(last)["epoch"]  # complete by construction: saves are renames
-        proc.send_signal(signal.SIGKILL)
+                epoch = load(last)["epoch"]  # whole by construction: saves are renames
+        proc.send_signal(signal.SIGKILL)  # during epoch 2, slowed down by SlowFromEpoch
         assert proc.wait(timeout=60) == -signal.SIGKILL
     finally:
         if proc.poll() is None:
@@ -236,18 +269,23 @@ def test_sigkill_mid_training_then_resume(reference: Path, work: Path, mini_zip:
         proc.stderr.close()
 
     run = only_run(save)
-    assert load(last)["epoch"] == 1, "killed during epoch 2, after the epoch-1 checkpoint"
-    assert int(metric_rows(run)[-1]["epoch"]) <= 2
+    assert load(last)["epoch"] == 1
+    assert [int(r["epoch"]) for r in metric_rows(run)] == [0, 1]
 
     main(
         fit_args(
-            save, work / "cache", "--trainer.max_epochs=4", "--ckpt_path=last", source=mini_zip
+            save,
+            work / "cache",
+            f"--trainer.max_epochs={EPOCHS}",
+            "--ckpt_path=last",
+            *SAVE_EVERY_EPOCH,
+            source=mini_zip,
         )
     )
     run = only_run(save)
     rows = metric_rows(run)
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]  # no gap, no duplicate
-    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8]  # the step counter continued
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]  # no gap, no duplicate
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]  # the step counter continued
     assert (run / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
     assert same_weights(last, reference / "checkpoints" / "last.ckpt")
     assert not leftovers(save)
@@ -256,12 +294,74 @@ def test_sigkill_mid_training_then_resume(reference: Path, work: Path, mini_zip:
 # --------------------------------------------------------------------------- checkpoints
 
 
+def test_run_checkpoint_keeps_last_ckpt_the_latest(
+    work: Path, mini_zip: Path, tmp_path: Path, reference: Path
+) -> None:
+    """Lightning 2.6 rewrites last.ckpt only when best.ckpt improves; RunCheckpoint always."""
+    ckpt = RunCheckpoint(
+        dirpath=tmp_path / "checkpoints",
+        filename="best",
+        monitor="step",
+        mode="min",  # the first epoch stays best: best.ckpt never improves again
+        save_last=True,
+        enable_version_counter=False,
+    )
+    assert ckpt.state_key == ModelCheckpoint(monitor="step", mode="min").state_key
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        default_root_dir=tmp_path,
+        callbacks=[ckpt],
+        plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    dm = CatsDogsDataModule(
+        source=str(mini_zip),
+        cache_dir=str(work / "cache"),
+        split_sizes=[40, 20, 20],
+        image_size=32,
+        batch_size=16,
+        eval_batch_size=8,
+        train_steps_per_epoch=2,
+        val_steps_per_epoch=2,
+        augment_backend="fast",
+        resize="bilinear",
+        num_workers=0,
+        scan_workers=1,
+    )
+    trainer.fit(VGGClassifier(width=0.125, bn_momentum=0.1, lr=0.01, input_size=32), dm)
+    assert load(tmp_path / "checkpoints" / "best.ckpt")["epoch"] == 0
+    last = load(tmp_path / "checkpoints" / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (1, 2 * STEPS_PER_EPOCH)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="cli.py registers ModelCheckpoint, whose last.ckpt (Lightning 2.6) is only "
+    "rewritten when best.ckpt improves; it should register checkpointing.RunCheckpoint",
+)
+def test_last_ckpt_is_the_latest_epoch_even_when_val_acc_does_not_improve(
+    work: Path, mini_zip: Path
+) -> None:
+    save = work / "not-improving"
+    stale_best = ["--checkpoint.monitor=step", "--checkpoint.mode=min"]
+    main(fit_args(save, work / "cache", "--trainer.max_epochs=2", *stale_best, source=mini_zip))
+    last = load(only_run(save) / "checkpoints" / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (1, 2 * STEPS_PER_EPOCH)
+
+
 @needs_proc
 def test_checkpoint_save_killed_halfway_keeps_the_previous_one(
     work: Path, mini_zip: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     save = work / "halfway"
-    main(fit_args(save, work / "cache", "--trainer.max_epochs=1", source=mini_zip))
+    main(
+        fit_args(save, work / "cache", "--trainer.max_epochs=1", *SAVE_EVERY_EPOCH, source=mini_zip)
+    )
     ckpts = only_run(save) / "checkpoints"
     before = {name: digest(ckpts / name) for name in ("best.ckpt", "last.ckpt")}
 
@@ -283,6 +383,7 @@ def test_checkpoint_save_killed_halfway_keeps_the_previous_one(
                     work / "cache",
                     "--trainer.max_epochs=2",
                     "--ckpt_path=last",
+                    *SAVE_EVERY_EPOCH,
                     source=mini_zip,
                 )
             )
@@ -296,7 +397,12 @@ def test_checkpoint_save_killed_halfway_keeps_the_previous_one(
     debris.write_bytes((ckpts / "last.ckpt").read_bytes()[:1000])
     main(
         fit_args(
-            save, work / "cache", "--trainer.max_epochs=2", "--ckpt_path=last", source=mini_zip
+            save,
+            work / "cache",
+            "--trainer.max_epochs=2",
+            "--ckpt_path=last",
+            *SAVE_EVERY_EPOCH,
+            source=mini_zip,
         )
     )
     assert [int(r["epoch"]) for r in metric_rows(only_run(save))] == [0, 1]
@@ -318,7 +424,11 @@ def test_full_disk_is_one_error_and_keeps_the_checkpoints(
 
     fake_fsync(monkeypatch, disk_full_after_epoch_0)
     with pytest.raises(SystemExit) as exc:
-        main(fit_args(save, work / "cache", "--trainer.max_epochs=3", source=mini_zip))
+        main(
+            fit_args(
+                save, work / "cache", "--trainer.max_epochs=2", *SAVE_EVERY_EPOCH, source=mini_zip
+            )
+        )
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert re.search(r"error: cannot write .*(best|last)\.ckpt: No space left on device", err), err
@@ -445,21 +555,6 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(
     assert not leftovers(save)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="callbacks.py FiniteLossGuard reports trainer.global_step after the optimizer "
-    "step (one past the bad step); it should report the step recorded in on_train_batch_start",
-)
-def test_nan_message_names_the_step_of_the_bad_batch(
-    work: Path, mini_zip: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    steps = nan_at(monkeypatch, epoch=0, batch=1)
-    with pytest.raises(SystemExit):
-        main(fit_args(work / "nan-step", work / "cache", "--trainer.max_epochs=1", source=mini_zip))
-    assert steps == [1]  # batch 1 of epoch 0 is logged as step 1
-    assert "at epoch 0, step 1 (batch 1)" in capsys.readouterr().err
-
-
 # --------------------------------------------------------------------------- bad input
 
 
@@ -507,15 +602,20 @@ def test_image_broken_after_the_scan_is_skipped_with_a_warning(
     assert len(batches) == 16 and sum(b is None for b in batches) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="models/module.py: validation_step/test_step/predict_step unpack a None batch "
-    "(every image of an eval batch unreadable); they should return None for it",
-)
 def test_eval_batch_with_no_readable_image_is_skipped() -> None:
     model = VGGClassifier(width=1 / 16, hidden=64, input_size=32)
     assert model.validation_step(None, 0) is None  # type: ignore[arg-type]
     assert model.test_step(None, 0) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="models/module.py predict_step calls self(None) for a batch whose every image "
+    "is unreadable; it should start with `if batch is None: return None`",
+)
+def test_predict_batch_with_no_readable_image_is_skipped() -> None:
+    model = VGGClassifier(width=1 / 16, hidden=64, input_size=32)
+    assert model.predict_step(None, 0) is None
 
 
 def test_checkpoint_of_another_width_is_refused(

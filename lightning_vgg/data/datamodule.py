@@ -58,6 +58,8 @@ class CatsDogsDataModule(pl.LightningDataModule):
         persistent_workers: Keep workers alive between epochs.
         prefetch_factor: Batches prefetched per worker (DataLoader default if None).
         scan_workers: Processes for the one-off decode scan of the source.
+        gpu_decode: Ship raw JPEG bytes and decode whole batches on the training
+            device (nvJPEG on CUDA); pair with ``augment_backend: gpu``.
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class CatsDogsDataModule(pl.LightningDataModule):
         persistent_workers: bool = True,
         prefetch_factor: int | None = None,
         scan_workers: int = 2,
+        gpu_decode: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -170,6 +173,7 @@ class CatsDogsDataModule(pl.LightningDataModule):
             backend=hp.augment_backend,
             resize=hp.resize,
             seed=hp.seed,
+            encoded=hp.gpu_decode,
         )
 
     def _loader(self, split: str) -> DataLoader:
@@ -216,6 +220,20 @@ class CatsDogsDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """The test split, for ``predict``."""
         return self._loader("test")
+
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        """Decode encoded batches on the device itself (``gpu_decode``)."""
+        if batch is not None and isinstance(batch[0], list):
+            from lightning_vgg.data.gpu import decode_batch
+
+            x, kept = decode_batch(batch[0], device, self.hparams.image_size)
+            if not kept:
+                return None
+            idx = torch.tensor(kept)
+            return x, batch[1][idx].to(device), batch[2][idx].to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Augment on the device (``gpu`` backend) and rescale to floats.

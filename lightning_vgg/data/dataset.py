@@ -55,6 +55,8 @@ class ImageFiles(Dataset[Sample | None]):
         resize: ``nearest`` as Keras's ``flow_from_directory``; ``bilinear`` and
             ``antialias`` are smoother options.
         seed: Base seed of the augmentation draws.
+        encoded: Return the file's bytes instead (decoded later on the device, see
+            :mod:`lightning_vgg.data.gpu`).
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class ImageFiles(Dataset[Sample | None]):
         backend: AugmentBackend = "keras",
         resize: Literal["nearest", "bilinear", "antialias"] = "nearest",
         seed: int = 0,
+        encoded: bool = False,
     ) -> None:
         if len(paths) != len(labels):
             raise ValueError("paths and labels differ in length")
@@ -78,6 +81,7 @@ class ImageFiles(Dataset[Sample | None]):
         self.backend = backend
         self.resize = resize
         self.seed = seed
+        self.encoded = encoded
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -121,6 +125,10 @@ class ImageFiles(Dataset[Sample | None]):
     def __getitem__(self, item: int | tuple[int, int]) -> Sample | None:
         index, key = item if isinstance(item, tuple) else (item, item)
         try:
+            if self.encoded:
+                # raw file bytes; decoded in batches on the training device
+                data = Path(self.paths[index]).read_bytes()
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8), self.labels[index], key
             x = self.load(index, key)
         except (ImageDecodeError, OSError) as exc:
             warnings.warn(f"skipping unreadable image {self.paths[index]}: {exc}", stacklevel=2)
@@ -133,4 +141,10 @@ def collate_skip_broken(batch: list[Sample | None]) -> list[torch.Tensor] | None
     good = [b for b in batch if b is not None]
     if not good:
         return None
+    if good[0][0].ndim == 1:  # encoded bytes of different lengths: keep a list
+        return [
+            [b[0] for b in good],
+            torch.tensor([b[1] for b in good]),
+            torch.tensor([b[2] for b in good]),
+        ]
     return default_collate(good)

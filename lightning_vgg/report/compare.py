@@ -56,6 +56,7 @@ from lightning_vgg.explain.measures import (
     top_mass_share,
 )
 from lightning_vgg.fileio import save_figure, staged_dir, write_json, write_text
+from lightning_vgg.report.history import SEED_RESULTS, SUMMARY_KEYS, read_metrics_csv, summarize
 from lightning_vgg.report.html import (
     MISSING,
     Cell,
@@ -67,7 +68,6 @@ from lightning_vgg.report.html import (
     render_html,
     render_markdown,
 )
-from lightning_vgg.report.history import SEED_RESULTS, SUMMARY_KEYS, read_metrics_csv, summarize
 
 __all__ = [
     "MODELS",
@@ -166,7 +166,9 @@ def read_run(name: str, ckpt: str | Path) -> RunInfo:
     if from_summary:
         sources.append("summary.json")
     test = _read_json(run_dir / "test_metrics.json")
-    computed = summarize(rows, {k: v for k, v in (test or {}).items() if isinstance(v, int | float)})
+    computed = summarize(
+        rows, {k: v for k, v in (test or {}).items() if isinstance(v, int | float)}
+    )
     metrics: dict[str, float | None] = {}
     for key in SUMMARY_KEYS:
         v = _finite_or_none(from_summary.get(key))
@@ -659,7 +661,10 @@ def run_compare(
         write_text(stage_dir / "report.html", render_html(title, intro, sections, stage_dir))
         write_text(stage_dir / "report.md", render_markdown(title, intro, sections))
         measures = {
-            "good": {"checkpoint": str(ckpts["good"].resolve()), "run_dir": str(runs["good"].run_dir)},
+            "good": {
+                "checkpoint": str(ckpts["good"].resolve()),
+                "run_dir": str(runs["good"].run_dir),
+            },
             "bad": {"checkpoint": str(ckpts["bad"].resolve()), "run_dir": str(runs["bad"].run_dir)},
             "settings": {
                 "split_file": str(split.resolve()),
@@ -774,7 +779,13 @@ def _build_sections(
         res_rows.append(row)
     results_blocks: list[Any] = [
         Table(
-            ["Metric", "good (this run)", "good (seed, Keras)", "bad (this run)", "broken (seed, Keras)"],
+            [
+                "Metric",
+                "good (this run)",
+                "good (seed, Keras)",
+                "bad (this run)",
+                "broken (seed, Keras)",
+            ],
             res_rows,
         ),
         Para(
@@ -843,7 +854,7 @@ def _build_sections(
                 f"Grad-CAM of every layer for the dog and the cat score, both models on one "
                 f"absolute scale: 1.0 on the colour bar is {scale:.3g} logit per input pixel "
                 "(the 99th percentile of all non-zero maps shown here, both models), so weak "
-                "evidence looks weak. \"all-zero map\" marks layers with no evidence at all "
+                'evidence looks weak. "all-zero map" marks layers with no evidence at all '
                 "for that class."
             )
         )
@@ -859,7 +870,9 @@ def _build_sections(
                 n=FEATURE_CHANNELS,
                 title=caption,
             )
-            feat_blocks.append(Image(fig(f, f"features_{stem}.png"), f"feature maps, {caption}", caption))
+            feat_blocks.append(
+                Image(fig(f, f"features_{stem}.png"), f"feature maps, {caption}", caption)
+            )
             rows = {}
             for n in names:
                 m = maps[n][k]
@@ -871,7 +884,9 @@ def _build_sections(
                 title=caption,
                 colorbar_label=f"× {scale:.3g} logit / pixel",
             )
-            cam_blocks.append(Image(fig(a, f"gradcam_{stem}.png"), f"Grad-CAM atlas, {caption}", caption))
+            cam_blocks.append(
+                Image(fig(a, f"gradcam_{stem}.png"), f"Grad-CAM atlas, {caption}", caption)
+            )
     else:
         feat_blocks.append(Para("No images drawn (`show_per_class=0`).", note=True))
         cam_blocks.append(Para("No images drawn (`show_per_class=0`).", note=True))
@@ -958,12 +973,17 @@ def _build_sections(
         ("zero_map_fraction", "all-zero maps", "pct"),
     ]
     sanity_rows = {
-        n: {layer: {"spearman_mean": results[n]["sanity"][layer]["spearman_mean"]} for layer in layers}
+        n: {
+            layer: {"spearman_mean": results[n]["sanity"][layer]["spearman_mean"]}
+            for layer in layers
+        }
         for n in names
     }
     f2 = measures_by_layer(
         {
-            n: {layer: {**results[n]["gradcam"][layer], **sanity_rows[n][layer]} for layer in layers}
+            n: {
+                layer: {**results[n]["gradcam"][layer], **sanity_rows[n][layer]} for layer in layers
+            }
             for n in names
         },
         [

@@ -201,7 +201,7 @@ def render_html(title: str, intro: Sequence[Para], sections: Sequence[Section], 
     )
     body = "\n".join(_html_section(s, base, 2) for s in sections)
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<main>\n"
         f"<h1>{html.escape(title)}</h1>\n{_html_blocks(list(intro), base, 2)}\n"
@@ -236,7 +236,10 @@ def _md_blocks(blocks: Sequence[Para | Table | Image | Section], level: int) -> 
 
 
 def _md_section(s: Section, level: int) -> list[str]:
-    return [f'{"#" * min(level, 6)} {s.title} <a id="{s.id}"></a>', *_md_blocks(s.blocks, level + 1)]
+    return [
+        f'{"#" * min(level, 6)} {s.title} <a id="{s.id}"></a>',
+        *_md_blocks(s.blocks, level + 1),
+    ]
 
 
 def render_markdown(title: str, intro: Sequence[Para], sections: Sequence[Section]) -> str:
