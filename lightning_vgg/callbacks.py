@@ -143,6 +143,14 @@ class FiniteLossGuard(Callback):
     save broken weights, so ``last.ckpt`` stays the last good state.
     """
 
+    def __init__(self) -> None:
+        self._step = 0
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step = trainer.global_step  # the step this batch's loss belongs to
+
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -163,7 +171,7 @@ class FiniteLossGuard(Callback):
         )
         raise UserError(
             f"training loss became {float(loss.detach().float().mean())} at epoch {trainer.current_epoch}, "
-            f"step {trainer.global_step} (batch {batch_idx}); training stopped and {where}"
+            f"step {self._step} (batch {batch_idx}); training stopped and {where}"
         )
 
 

@@ -9,10 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_vgg.errors import UserError
 from lightning_vgg.fileio import atomic_open
@@ -64,39 +62,6 @@ def _remove_leftovers(target: Path) -> None:
     for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
         with contextlib.suppress(OSError):
             stale.unlink()
-
-
-class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` is the latest state at every epoch end.
-
-    Since Lightning 2.6, ``save_last=True`` rewrites ``last.ckpt`` only at steps where
-    a top-k checkpoint was written, that is when the monitored metric improved (and
-    once more at the end of ``fit`` if nothing was written). After a kill,
-    ``--ckpt_path last`` then went back to the best epoch instead of the latest one.
-    This class restores the documented (and pre-2.6) behaviour; everything else,
-    ``best.ckpt`` included, is ``ModelCheckpoint``'s. Its state key stays
-    ``ModelCheckpoint``'s, so runs saved before it existed resume with their best score.
-    """
-
-    @property
-    def state_key(self) -> str:
-        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._save_latest(trainer)
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._save_latest(trainer)
-
-    def _save_latest(self, trainer: pl.Trainer) -> None:
-        # Skipped when the parent already saved at this step (then last.ckpt is fresh),
-        # during sanity checks and outside fit.
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

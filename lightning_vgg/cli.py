@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -173,15 +175,35 @@ class VGGLightningCLI(LightningCLI):
                 largs.save_dir = str(run_dir.parent.parent)
                 largs.name = run_dir.parent.name
                 largs.version = run_dir.name
+        self._check_output_folder()
 
-    def after_instantiate_classes(self) -> None:
-        """Check that a given checkpoint fits the configured network."""
-        if self.subcommand is None:
-            return
-        ckpt = self.config[self.subcommand].get("ckpt_path")
+    def _parse_ckpt_path(self) -> None:
+        """Refuse a checkpoint of another architecture before LightningCLI adopts its hparams.
+
+        LightningCLI overwrites ``--model.*`` with the checkpoint's hyperparameters,
+        which would silently ignore a mismatch the user asked for.
+        """
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt and Path(str(ckpt)).is_file():
             hp = read_checkpoint(ckpt).get("hyper_parameters", {})
-            check_architecture(hp, dict(self.model.hparams), ckpt)
+            check_architecture(hp, self.config[sub].model, ckpt)
+        super()._parse_ckpt_path()
+
+    def _check_output_folder(self) -> None:
+        largs = self._logger_args()
+        if largs is None:
+            return
+        folder = Path(largs.save_dir)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise UserError(
+                f"cannot write to the output folder {folder}: {exc.strerror or exc}"
+            ) from exc
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """Add atomic checkpoint writes unless the user configured their own IO."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import pick_images
+from tests.conftest import pick_images
 from PIL import Image, ImageFile
 
 from lightning_vgg.data import decode, sources

@@ -128,10 +128,21 @@ class CatsDogsDataModule(pl.LightningDataModule):
         """Build (or load) the split and write ``split.csv`` to the run's log dir."""
         if self.rows is None:
             self.rows = self._make_rows()
-        if stage in ("fit", None) and self.trainer is not None and self.trainer.is_global_zero:
+        if stage in ("fit", None) and self.trainer is not None:
+            self._check_world_size(self.trainer.world_size)
+            # ``log_dir`` broadcasts rank 0's directory under DDP, so every rank must ask
             log_dir = self.trainer.log_dir
-            if log_dir is not None:
+            if log_dir is not None and self.trainer.is_global_zero:
                 write_split_csv(Path(log_dir) / "split.csv", self.rows)
+
+    def _check_world_size(self, world: int) -> None:
+        bs = self.hparams.batch_size
+        if world > 1 and bs % world:
+            raise UserError(
+                f"data.batch_size={bs} is the global batch and must divide evenly over the "
+                f"{world} processes (trainer.devices x trainer.num_nodes); use a multiple of "
+                f"{world}, or another number of devices"
+            )
 
     def split_rows(self, split: str) -> list[Row]:
         """Rows of one split in file order; the training split after subset/flip."""
@@ -182,6 +193,8 @@ class CatsDogsDataModule(pl.LightningDataModule):
         world, rank = 1, 0
         if self.trainer is not None:
             world, rank = self.trainer.world_size, self.trainer.global_rank
+        if split == "train":
+            self._check_world_size(world)
         bs = hp.batch_size if split == "train" else (hp.eval_batch_size or hp.batch_size)
         steps = {"train": hp.train_steps_per_epoch, "val": hp.val_steps_per_epoch}.get(split)
         sampler = KerasBatchSampler(
@@ -241,11 +254,18 @@ class CatsDogsDataModule(pl.LightningDataModule):
         Returns:
             ``(images, labels, draw_keys)``.
         """
+        training = self.trainer is not None and self.trainer.training
         if batch is None:
+            if training and self.trainer.world_size > 1:
+                # No image on this rank (a short last batch has fewer images than
+                # ranks, or none of them loaded). It must still join the gradient
+                # all-reduce, so it trains on an empty batch and contributes zero.
+                s, dev = self.hparams.image_size, self.trainer.strategy.root_device
+                empty = torch.zeros(0, dtype=torch.long, device=dev)
+                return torch.zeros(0, 3, s, s, device=dev), empty, empty.clone()
             return None
         x, y, keys = batch
         x = x.float()
-        training = self.trainer is not None and self.trainer.training
         if training and self.hparams.augment_backend == "gpu":
             params = [
                 draw_params(self.augment_cfg, self.hparams.seed, int(k)) for k in keys.tolist()

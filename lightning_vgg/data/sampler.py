@@ -23,8 +23,13 @@ class KerasBatchSampler(Sampler[list[Draw]]):
     control's 6 images come back 80 times per epoch. Epoch ``e`` covers stream
     positions ``[e * steps, (e + 1) * steps)``, which makes resuming exact.
 
-    Under DDP every rank cuts the same global batch and keeps its own slice, so a
-    run on k ranks sees exactly the images a single process would.
+    Under DDP every rank cuts the same global batch and keeps its own slice
+    (images ``rank, rank + k, ...``), so a run on k ranks sees exactly the images a
+    single process would. Every rank yields the same number of batches; full batches
+    split evenly when ``batch_size`` is a multiple of k (the data module insists on
+    that for training), and a short last batch splits as evenly as it can: with
+    fewer images than ranks, the last ranks get an empty list, which the data
+    module turns into an empty training batch so that rank still joins the step.
 
     Args:
         n: Dataset size.
@@ -50,6 +55,8 @@ class KerasBatchSampler(Sampler[list[Draw]]):
             raise ValueError("cannot sample batches from an empty split")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not one of {num_replicas} replicas")
         self.n = n
         self.batch_size = batch_size
         self.steps = steps

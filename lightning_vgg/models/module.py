@@ -102,13 +102,16 @@ class VGGClassifier(pl.LightningModule):
         s = self.hparams.label_smoothing if stage == "train" else 0.0
         if s > 0:
             target = target * (1 - s) + 0.5 * s
-        loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+        losses = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
         n = y.shape[0]
+        loss = self._batch_loss(losses) if stage == "train" else losses.mean()
         loss_metric = self.metrics[f"{stage}_loss"]
         acc_metric = self.metrics[f"{stage}_acc"]
-        loss_metric.update(loss.detach(), weight=n)
-        # P(dog) >= 0.5 means dog, as in the seed; logit >= 0 is the same test.
-        acc_metric.update((logits.detach() >= 0).long(), y.long())
+        if n > 0:  # a DDP rank can hold no image of a short last batch
+            # per-image values: the epoch mean is sample-weighted, over all ranks
+            loss_metric.update(losses.detach())
+            # P(dog) >= 0.5 means dog, as in the seed; logit >= 0 is the same test.
+            acc_metric.update((logits.detach() >= 0).long(), y.long())
         self.log(
             f"{stage}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=n
         )
@@ -116,6 +119,23 @@ class VGGClassifier(pl.LightningModule):
             f"{stage}/acc", acc_metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=n
         )
         return loss, logits.detach()
+
+    def _batch_loss(self, losses: torch.Tensor) -> torch.Tensor:
+        """The mean loss of the global batch, as this rank's share of it.
+
+        DDP averages gradients over the k ranks, which is the global mean only when
+        every rank holds the same number of images. A short last batch (or images
+        that failed to load) splits unevenly, so each rank returns
+        ``sum(own losses) * k / global count``: the ranks' average is then exactly
+        the single-process mean. One process returns the plain mean.
+        """
+        trainer = self._trainer
+        world = trainer.world_size if trainer is not None else 1
+        if world == 1:
+            return losses.mean()
+        count = torch.tensor(float(losses.numel()), device=losses.device)
+        total = trainer.strategy.reduce(count, reduce_op="sum")
+        return losses.sum() * world / total.clamp_min(1.0)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
         """One SGD step on an augmented batch (skipped if no image of it loaded)."""
@@ -138,6 +158,8 @@ class VGGClassifier(pl.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         """Probabilities of 'dog' and the 0/1 prediction for each image."""
+        if batch is None:  # no image of the batch could be read
+            return None
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         prob = torch.sigmoid(self(x).float())
         return {"prob_dog": prob, "pred": (prob >= 0.5).long()}

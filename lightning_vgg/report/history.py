@@ -61,7 +61,11 @@ def read_metrics_csv(path: str | Path) -> list[dict[str, float]]:
     """Read ``metrics.csv`` back as floats (empty cells are dropped)."""
     with open(path, encoding="utf-8", newline="") as handle:
         return [
-            {k: float(v) for k, v in row.items() if v not in ("", None)}
+            {
+                k: (int(float(v)) if k in ("epoch", "step") else float(v))
+                for k, v in row.items()
+                if v not in ("", None)
+            }
             for row in csv.DictReader(handle)
         ]
 
