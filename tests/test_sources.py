@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.conftest import pick_images
 from PIL import Image, ImageFile
 
 from lightning_vgg.data import decode, sources
@@ -33,6 +32,7 @@ from lightning_vgg.data.sources import (
     scan_images,
 )
 from lightning_vgg.errors import UserError
+from tests.conftest import pick_images
 
 
 def _counts(items: list[tuple[str, int]]) -> tuple[int, int]:
