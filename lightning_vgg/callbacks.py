@@ -10,6 +10,7 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_vgg.errors import UserError
@@ -30,6 +31,21 @@ def device_name(trainer: pl.Trainer) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def local_log_dir(trainer: pl.Trainer) -> str | None:
+    """``trainer.log_dir`` without its broadcast, for code that only rank 0 runs.
+
+    ``Trainer.log_dir`` is a collective under DDP (it broadcasts rank 0's directory):
+    called on rank 0 alone, the other ranks never join and the run hangs. On rank 0
+    this is the same directory.
+    """
+    logger = trainer.logger
+    if logger is None:
+        return trainer.default_root_dir
+    if isinstance(logger, (TensorBoardLogger, CSVLogger)):
+        return logger.log_dir
+    return logger.save_dir
+
+
 def run_dir_of(trainer: pl.Trainer) -> Path | None:
     """The run directory: where the checkpoint came from, else the logger's directory."""
     ckpt = trainer.ckpt_path
@@ -37,7 +53,8 @@ def run_dir_of(trainer: pl.Trainer) -> Path | None:
         p = Path(ckpt).resolve()
         if p.parent.name == "checkpoints":
             return p.parent.parent
-    return Path(trainer.log_dir) if trainer.log_dir else None
+    log_dir = local_log_dir(trainer)
+    return Path(log_dir) if log_dir else None
 
 
 class RunArtifacts(Callback):
@@ -103,10 +120,11 @@ class RunArtifacts(Callback):
         self.fit_seconds, self._t0 = self._elapsed(), None
 
     def _write(self, trainer: pl.Trainer) -> None:
-        if not trainer.is_global_zero or trainer.log_dir is None or trainer.fast_dev_run:
+        log_dir = local_log_dir(trainer) if trainer.is_global_zero else None
+        if log_dir is None or trainer.fast_dev_run:
             return
         write_run_outputs(
-            trainer.log_dir, self._summary(trainer, self.rows, None), self.rows, self.reference
+            log_dir, self._summary(trainer, self.rows, None), self.rows, self.reference
         )
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -122,7 +140,7 @@ class RunArtifacts(Callback):
         summary = self._summary(trainer, rows, test)
         summary["checkpoint"] = str(trainer.ckpt_path) if trainer.ckpt_path else None
         if (
-            run_dir / "summary.json" != Path(trainer.log_dir or "") / "summary.json"
+            run_dir / "summary.json" != Path(local_log_dir(trainer) or "") / "summary.json"
             and (run_dir / "summary.json").exists()
         ):
             import json
@@ -160,9 +178,15 @@ class FiniteLossGuard(Callback):
         batch_idx: int,
     ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is None or bool(torch.isfinite(loss.detach()).all()):
+        finite = loss is None or bool(torch.isfinite(loss.detach()).all())
+        # every DDP rank must stop together, or the others wait forever
+        if trainer.world_size > 1:
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
             return
-        ckpt_dir = Path(trainer.log_dir or ".") / "checkpoints"
+        if loss is None:
+            loss = torch.tensor(float("nan"))
+        ckpt_dir = Path(local_log_dir(trainer) or ".") / "checkpoints"
         kept = ckpt_dir / "last.ckpt"
         where = (
             f"the last good checkpoint is {kept}"
@@ -215,7 +239,7 @@ class _ProbeCallback(Callback):
         if probes is None:
             return
         # fast_dev_run swaps in a logger without a directory: use the root dir then
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "visualizations" / tag
+        out = Path(local_log_dir(trainer) or trainer.default_root_dir) / "visualizations" / tag
         figures = self.figures(pl_module, *probes)
         logger = trainer.logger
         experiment = getattr(logger, "experiment", None) if self.log_to_logger else None
@@ -381,7 +405,7 @@ class MisclassificationGallery(Callback):
         prob = torch.sigmoid(logits)
         pred = (prob >= 0.5).long()
         conf = torch.where(pred == 1, prob, 1 - prob)
-        run_dir = run_dir_of(trainer) or Path(trainer.log_dir or ".")
+        run_dir = run_dir_of(trainer) or Path(local_log_dir(trainer) or ".")
         listing: dict[str, list[dict[str, Any]]] = {}
         for cls, cname in enumerate(("cat", "dog")):
             wrong = torch.nonzero((labels == cls) & (pred != cls)).flatten()
