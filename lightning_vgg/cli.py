@@ -215,6 +215,9 @@ class VGGLightningCLI(LightningCLI):
 
 def run_lightning(args: Sequence[str] | None) -> VGGLightningCLI:
     """Run a LightningCLI subcommand (fit, validate, test, predict)."""
+    # main() passes args on purpose (tests, experiment); Lightning warns when sys.argv
+    # also holds arguments, which is expected here.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     return VGGLightningCLI(
         VGGClassifier,
         CatsDogsDataModule,

@@ -155,7 +155,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 @contextlib.contextmanager
 def capture_layers(
-    model: nn.Module, layers: Mapping[str, nn.Module], keep_grad: bool
+    model: nn.Module, layers: Mapping[str, nn.Module], keep_grad: bool, clone_outputs: bool = True
 ) -> Iterator[dict[str, Tensor]]:
     """Record the output of each named module during forward passes inside the block.
 
@@ -180,6 +180,10 @@ def capture_layers(
         model: The module whose forward runs inside the block (only used to check
             the hooked modules belong to it).
         layers: ``name -> module`` to record (e.g. :func:`layer_units`).
+        clone_outputs: Hand a clone to the rest of the network (see above). Pass
+            false only when nothing after a hooked module works in place, e.g. VGG's
+            post-ReLU outputs, which feed a conv, a max-pool or a BatchNorm: that
+            saves one copy of every captured feature map.
         keep_grad: If true, stored outputs stay in the autograd graph (for
             ``torch.autograd.grad``); a layer output that is outside the graph (no
             parameter or input requires grad) is made a graph leaf so that its
@@ -213,7 +217,7 @@ def capture_layers(
                 store[name] = output
             else:
                 store[name] = output.detach()
-            return output.clone()
+            return output.clone() if clone_outputs else output
 
         return hook
 
@@ -362,7 +366,9 @@ def compute_atlas(
         x = images.detach().to(device=param.device, dtype=param.dtype).clone()
         if cams:
             x.requires_grad_(True)
-        with capture_layers(net, units, keep_grad=cams) as store:
+        # VGG's post-ReLU maps feed no in-place op, so they need no protective clone.
+        safe = stage == "post" and not isinstance(layers, Mapping)
+        with capture_layers(net, units, keep_grad=cams, clone_outputs=not safe) as store:
             logits = net(x)
         if logits.ndim == 2 and logits.shape[1] == 1:
             logits = logits.squeeze(1)
