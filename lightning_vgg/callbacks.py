@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import BasePredictionWriter, Callback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 
@@ -437,3 +437,39 @@ class MisclassificationGallery(Callback):
             )
             save_figure(fig, run_dir / f"misclassified_{cname}.png")
         write_json(run_dir / "misclassified.json", {"layer": self.layer, "k": self.k, **listing})
+
+
+class PredictionCSV(BasePredictionWriter):
+    """Writes ``predictions.csv`` (path, label, prob_dog, pred) after ``predict``.
+
+    The file goes to the run directory of the checkpoint, next to ``split.csv``.
+    Single-process only: under DDP each rank predicts its own share and rank 0's is
+    written.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="epoch")
+
+    def write_on_epoch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        predictions: Any,
+        batch_indices: Any,
+    ) -> None:
+        dm = trainer.datamodule
+        if not trainer.is_global_zero or dm is None or not hasattr(dm, "split_rows"):
+            return
+        from lightning_vgg.fileio import write_csv
+
+        rows = dm.split_rows("test")
+        out = []
+        for batch in predictions:
+            if not batch or "keys" not in batch:
+                continue
+            for k, p in zip(batch["keys"].tolist(), batch["prob_dog"].tolist(), strict=True):
+                path, label, _ = rows[int(k)]
+                out.append((path, label, f"{p:.6f}", int(p >= 0.5)))
+        run_dir = run_dir_of(trainer) or Path(local_log_dir(trainer) or ".")
+        write_csv(run_dir / "predictions.csv", ("path", "label", "prob_dog", "pred"), out)
+        rank_zero_info(f"{len(out)} predictions written to {run_dir / 'predictions.csv'}")

@@ -14,7 +14,12 @@ from typing import Any
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from lightning_vgg.callbacks import FiniteLossGuard, MisclassificationGallery, RunArtifacts
+from lightning_vgg.callbacks import (
+    FiniteLossGuard,
+    MisclassificationGallery,
+    PredictionCSV,
+    RunArtifacts,
+)
 from lightning_vgg.checkpointing import (
     AtomicCheckpointIO,
     check_architecture,
@@ -115,6 +120,7 @@ class VGGLightningCLI(LightningCLI):
         parser.add_lightning_class_args(RunArtifacts, "artifacts")
         parser.add_lightning_class_args(FiniteLossGuard, "finite_guard")
         parser.add_lightning_class_args(MisclassificationGallery, "gallery")
+        parser.add_lightning_class_args(PredictionCSV, "predictions")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",

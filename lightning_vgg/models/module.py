@@ -162,7 +162,10 @@ class VGGClassifier(pl.LightningModule):
             return None
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         prob = torch.sigmoid(self(x).float())
-        return {"prob_dog": prob, "pred": (prob >= 0.5).long()}
+        out = {"prob_dog": prob, "pred": (prob >= 0.5).long()}
+        if isinstance(batch, (tuple, list)) and len(batch) > 2:
+            out["keys"] = batch[2]  # row of each image in the test split
+        return out
 
     def configure_optimizers(self) -> Any:
         """SGD(lr, momentum) as in the seed, or AdamW; optional per-step schedule."""
