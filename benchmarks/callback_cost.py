@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Cost of one FeatureMapCallback + GradCAMCallback firing, for the README's "Costs" table.
 
-    python benchmarks/callback_cost.py [--width 1.0] [--size 224] [--per_class 2]
+python benchmarks/callback_cost.py [--width 1.0] [--size 224] [--per_class 2]
 """
 
 from __future__ import annotations

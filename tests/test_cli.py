@@ -103,9 +103,13 @@ def test_fit_then_test_writes_every_output(mini_zip: Path, tmp_path: Path) -> No
     assert test_metrics["test/acc"] == summary["metrics"]["test_acc"]
     assert "Test accuracy" in (run / "summary.md").read_text()
 
-    main(["predict", "--config", str(ROOT / "configs" / "quick.yaml"), f"--ckpt_path={best}", *FAST])
+    main(
+        ["predict", "--config", str(ROOT / "configs" / "quick.yaml"), f"--ckpt_path={best}", *FAST]
+    )
     preds = list(csv.DictReader((run / "predictions.csv").open()))
-    assert len(preds) == 40 and {r["path"] for r in preds} == {r["path"] for r in split if r["split"] == "test"}
+    assert len(preds) == 40 and {r["path"] for r in preds} == {
+        r["path"] for r in split if r["split"] == "test"
+    }
     acc = sum(int(r["pred"]) == int(r["label"]) for r in preds) / len(preds)
     assert acc == pytest.approx(test_metrics["test/acc"], abs=1e-6), "predict agrees with test"
 

@@ -123,7 +123,8 @@ def test_gpu_decode_path_on_cpu_equals_the_cpu_loader(mini_zip: Path, tmp_path: 
     db = next(iter(dev_dm.train_dataloader()))
     for dm in (cpu_dm, dev_dm):
         dm.trainer = FakeTrainer()  # type: ignore[assignment]
-    assert isinstance(db[0], list) and db[0][0].dtype == torch.uint8  # raw bytes travel
+    assert db.data.ndim == 1 and db.data.dtype == torch.uint8  # raw bytes travel, one tensor
+    assert int(db.lengths.sum()) == db.data.numel()
     db = dev_dm.transfer_batch_to_device(db, torch.device("cpu"), 0)
     xc, yc, kc = cpu_dm.on_after_batch_transfer(cb, 0)
     xd, yd, kd = dev_dm.on_after_batch_transfer(db, 0)

@@ -38,6 +38,12 @@ from PIL import Image
 
 from lightning_vgg.errors import UserError
 
+# One OpenCV thread per process, set before OpenCV starts its thread pool. DataLoader
+# workers inherit it when they fork: two workers with a pool each fight over the
+# cores (2 here), and a pthreads pool does not survive fork (a worker calling
+# cv2.setNumThreads(1) after the parent had used the pool hung inside OpenCV).
+cv2.setNumThreads(1)
+
 ResizeMode = Literal["nearest", "bilinear"]
 #: Per-sample parameters as arrays or tensors: ``theta``, ``shear``, ``zx``, ``zy``, ``flip``.
 ParamBatch = Mapping[str, "torch.Tensor | np.ndarray"]
@@ -370,6 +376,34 @@ def warp_matrices(
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
+def grid_theta(params: AffineParams, size: int) -> np.ndarray:
+    """``affine_grid`` theta of Keras's warp of a ``size x size`` image, on the host.
+
+    The algebra of :func:`warp_matrices` (pixel centres to [-1, 1], (row, col) to
+    (x, y)) for one image, so the data workers can compute it and the device only
+    runs :func:`warp_theta`, with no per-image Python and no host-device sync.
+
+    Returns:
+        ``(2, 3)`` float32.
+    """
+    n = size - 1
+    to_norm = np.array([[2 / n, 0, -1], [0, 2 / n, -1], [0, 0, 1]])
+    from_norm = np.array([[n / 2, 0, n / 2], [0, n / 2, n / 2], [0, 0, 1]])
+    theta = to_norm @ keras_matrix(params, size, size) @ from_norm
+    return theta[[1, 0]][:, [1, 0, 2]].astype(np.float32)
+
+
+def warp_theta(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """:func:`warp_matrices` with precomputed ``(N, 2, 3)`` thetas (:func:`grid_theta`).
+
+    Returns:
+        ``(N, C, H, W)`` float32 on the 0-255 scale.
+    """
+    x = images if images.is_floating_point() else images.float()
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=True)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
 def warp_cv2(image: np.ndarray, params: AffineParams, out_size: int) -> np.ndarray:
     """Resize and augment one image with a single ``cv2.warpAffine``: the fast CPU path.
 
@@ -424,6 +458,7 @@ __all__ = [
     "ParamBatch",
     "ResizeMode",
     "fused_matrix",
+    "grid_theta",
     "keras_matrix",
     "keras_matrix_batch",
     "pil_nearest_indices",
@@ -435,4 +470,5 @@ __all__ = [
     "warp_batch",
     "warp_cv2",
     "warp_matrices",
+    "warp_theta",
 ]

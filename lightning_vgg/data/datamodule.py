@@ -11,8 +11,14 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_vgg.data.augment import AugmentConfig, warp_batch
-from lightning_vgg.data.dataset import AugmentBackend, ImageFiles, collate_skip_broken, draw_params
+from lightning_vgg.data.augment import AugmentConfig, warp_batch, warp_theta
+from lightning_vgg.data.dataset import (
+    AugmentBackend,
+    EncodedBatch,
+    ImageFiles,
+    collate_skip_broken,
+    draw_params,
+)
 from lightning_vgg.data.sampler import KerasBatchSampler
 from lightning_vgg.data.sources import DEFAULT_URL, index_source
 from lightning_vgg.data.split import make_split, read_split_csv, write_split_csv
@@ -238,14 +244,19 @@ class CatsDogsDataModule(pl.LightningDataModule):
         self, batch: Any, device: torch.device, dataloader_idx: int
     ) -> Any:
         """Decode encoded batches on the device itself (``gpu_decode``)."""
-        if batch is not None and isinstance(batch[0], list):
+        if isinstance(batch, EncodedBatch):
             from lightning_vgg.data.gpu import decode_batch
 
-            x, kept = decode_batch(batch[0], device, self.hparams.image_size)
+            chunks = list(torch.split(batch.data, batch.lengths.tolist()))  # host lengths
+            x, kept = decode_batch(chunks, device, self.hparams.image_size)
             if not kept:
                 return None
-            idx = torch.tensor(kept)
-            return x, batch[1][idx].to(device), batch[2][idx].to(device)
+            rest = [batch.labels, batch.keys] + ([] if batch.theta is None else [batch.theta])
+            if len(kept) != len(chunks):
+                idx = torch.tensor(kept)
+                rest = [t[idx] for t in rest]
+            # non_blocking from pinned memory: no host-device sync per batch
+            return (x, *(t.to(device, non_blocking=True) for t in rest))
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -264,15 +275,23 @@ class CatsDogsDataModule(pl.LightningDataModule):
                 empty = torch.zeros(0, dtype=torch.long, device=dev)
                 return torch.zeros(0, 3, s, s, device=dev), empty, empty.clone()
             return None
-        x, y, keys = batch
-        x = x.float()
+        x, y, keys, *theta = batch  # theta: the gpu backend's warps, drawn in the workers
+        fresh = x.dtype != torch.float32  # then the conversion copies: x is ours to scale
+        # contiguous NCHW float32 in one pass (uint8 fast-backend batches come channels_last)
+        x = x.to(torch.float32, memory_format=torch.contiguous_format)
         if training and self.hparams.augment_backend == "gpu":
-            params = [
-                draw_params(self.augment_cfg, self.hparams.seed, int(k)) for k in keys.tolist()
-            ]
-            x = warp_batch(x, params)
+            if theta:
+                x = warp_theta(x, theta[0])
+            else:
+                params = [
+                    draw_params(self.augment_cfg, self.hparams.seed, int(k)) for k in keys.tolist()
+                ]
+                x = warp_batch(x, params)
+            fresh = True
+        # In place when x is a fresh tensor: no second 12 MB temporary per batch.
+        x = x.mul_(self.hparams.rescale) if fresh else x * self.hparams.rescale
         # keys name each image (its index in the split for val/test), for galleries
-        return x * self.hparams.rescale, y, keys
+        return x, y, keys
 
     # ------------------------------------------------------------------ probes
     def probe_batch(

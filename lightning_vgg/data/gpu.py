@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 
@@ -13,14 +14,20 @@ from lightning_vgg.data.augment import pil_nearest_indices
 from lightning_vgg.data.decode import ImageDecodeError, load_rgb
 
 
+@functools.lru_cache(maxsize=64)
+def _indices(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    # cached: building them per image meant two blocking host-to-device copies each
+    return torch.from_numpy(pil_nearest_indices(n_in, n_out)).to(device)
+
+
 def resize_nearest(img: torch.Tensor, size: int) -> torch.Tensor:
-    """PIL-exact nearest resize of one ``(3, h, w)`` tensor, on its own device."""
-    _, h, w = img.shape
+    """PIL-exact nearest resize of ``(..., h, w)`` tensors, on their own device."""
+    h, w = img.shape[-2:]
     if (h, w) == (size, size):
         return img
-    rows = torch.as_tensor(pil_nearest_indices(h, size), device=img.device)
-    cols = torch.as_tensor(pil_nearest_indices(w, size), device=img.device)
-    return img.index_select(1, rows).index_select(2, cols)
+    rows = _indices(h, size, img.device)
+    cols = _indices(w, size, img.device)
+    return img.index_select(-2, rows).index_select(-1, cols)
 
 
 def _cpu_decode(data: torch.Tensor) -> torch.Tensor:
@@ -63,4 +70,6 @@ def decode_batch(
             )
     if not images:
         return torch.empty(0, 3, size, size, dtype=torch.uint8, device=device), []
+    if len({tuple(im.shape) for im in images}) == 1:  # one resize for the whole batch
+        return resize_nearest(torch.stack(images), size), kept
     return torch.stack([resize_nearest(img, size) for img in images]), kept
