@@ -369,21 +369,10 @@ def cv2_threads() -> int:
     return cv2.getNumThreads()
 
 
-def reset_cv2_threads(label: str) -> None:
-    """OpenCV's default pool for the library as it is; one thread for the proposal.
-
-    Only the number is set here: the main process never runs a parallel OpenCV call in
-    these sections, so no pool exists when the DataLoader forks its workers.
-    """
-    import cv2
-
-    cv2.setNumThreads(1 if label == "proposed" else -1)
-
-
 def section_loader(rec: Recorder, args: argparse.Namespace, dev: torch.device, data: Data) -> None:
-    from proto import CpuProtoDataModule, check_decode_identical
-
     from lightning_vgg.data.datamodule import CatsDogsDataModule
+    from lightning_vgg.data.dataset import decode_rgb_array
+    from lightning_vgg.data.decode import load_rgb
 
     if dev.type == "cuda":  # the GPU rows first: on a GPU machine they matter most
         loader_gpu(rec, data, dev)
@@ -395,9 +384,10 @@ def section_loader(rec: Recorder, args: argparse.Namespace, dev: torch.device, d
     results: dict[str, float] = {}
 
     paths = sorted(str(p.resolve()) for p in data.eval_dir.rglob("*.jpg"))[:200]
-    differ, n = check_decode_identical(paths)
+    n = len(paths)
+    differ = sum(not np.array_equal(decode_rgb_array(p), np.asarray(load_rgb(p))) for p in paths)
     rec.add(
-        "loader/proposed-cv2-decode-differs-from-PIL",
+        "loader/cv2-decode-differs-from-PIL",
         differ,
         "images",
         checked=n,
@@ -405,13 +395,12 @@ def section_loader(rec: Recorder, args: argparse.Namespace, dev: torch.device, d
         note=f"of {n} JPEGs, cv2.imdecode vs PIL",
     )
 
-    # (a) ours on the CPU, as is and with the proposed changes. The two are timed in
-    # turns (pass by pass), so that load from elsewhere on the machine hits both alike.
-    labels = {"ours": CatsDogsDataModule, "proposed": CpuProtoDataModule}
+    # (a) ours on the CPU; float and uint8 outputs are timed in turns (pass by pass),
+    # so that load from elsewhere on the machine hits both alike.
+    labels = {"ours": CatsDogsDataModule}
     for resize in ("bilinear", "nearest"):
         dms, loaders = {}, {}
         for label, cls in labels.items():
-            reset_cv2_threads(label)  # workers fork on the first pass, and keep it
             dms[label] = dm = make_dm(
                 data, cls, augment_backend="fast", resize=resize, num_workers=workers
             )
@@ -449,7 +438,7 @@ def section_loader(rec: Recorder, args: argparse.Namespace, dev: torch.device, d
                     images=n,
                     repeats=[round(r, 1) for r in rates[(label, out)]],
                     **common,
-                    cv2_threads=1 if label == "proposed" else "default",
+                    cv2_threads=1,
                     note=(
                         "DataLoader batches as they come (uint8 NCHW)"
                         if out == "uint8"
@@ -553,7 +542,7 @@ def section_loader(rec: Recorder, args: argparse.Namespace, dev: torch.device, d
 
     # ratios against the Keras peer (float output on both sides: what a model gets)
     targets = {"train": 15.0, "eval": 2.0}
-    for label in ("ours", "proposed"):
+    for label in ("ours",):
         for resize in ("bilinear", "nearest"):
             for kind in ("train", "eval"):
                 for out in ("float", "uint8"):
@@ -580,17 +569,11 @@ def section_loader(rec: Recorder, args: argparse.Namespace, dev: torch.device, d
 
 def loader_gpu(rec: Recorder, data: Data, dev: torch.device) -> None:
     """(b) ours on the GPU: raw JPEG bytes, nvJPEG decode, warp on the device."""
-    from proto import GpuProtoDataModule
-
     from lightning_vgg.data.datamodule import CatsDogsDataModule
 
     reps = 3
     gpu_workers = min(4, max(2, cpu_count() // 4))
-    runs = [
-        (label, cls, bs)
-        for bs in (20, 256)
-        for label, cls in (("ours", CatsDogsDataModule), ("proposed", GpuProtoDataModule))
-    ]
+    runs = [(label, cls, bs) for bs in (20, 256) for label, cls in (("ours", CatsDogsDataModule),)]
     for label, cls, bs in runs:
         dm = make_dm(
             data,
@@ -724,9 +707,9 @@ def end_to_end(
     """Loader -> transfer_batch_to_device -> on_after_batch_transfer -> training step.
 
     With ``prefetch`` the two hooks run one batch ahead in a thread on a side CUDA
-    stream (``proto.DevicePrefetcher``).
+    stream (``prefetch.DevicePrefetcher``).
     """
-    from proto import DevicePrefetcher
+    from prefetch import DevicePrefetcher
 
     loader = dm.train_dataloader()
     dm.trainer = StubTrainer(training=True)
@@ -762,8 +745,6 @@ def end_to_end(
 def section_train(
     rec: Recorder, args: argparse.Namespace, dev: torch.device, data: Data, budget: Budget
 ) -> None:
-    from proto import CpuProtoDataModule, GpuProtoDataModule
-
     from lightning_vgg.data.datamodule import CatsDogsDataModule
 
     cuda = dev.type == "cuda"
@@ -832,14 +813,12 @@ def section_train(
     if cuda:
         variants = {
             "ours": (CatsDogsDataModule, gpu_kw, False),
-            "proposed": (GpuProtoDataModule, gpu_kw, False),
-            "proposed+thread": (GpuProtoDataModule, gpu_kw, True),
+            "ours+thread": (CatsDogsDataModule, gpu_kw, True),
         }
         workers = min(6, max(2, cpu_count() - 4))
     else:
         variants = {
             "ours": (CatsDogsDataModule, cpu_kw, False),
-            "proposed": (CpuProtoDataModule, cpu_kw, False),
         }
         workers = 2
     # on the CPU, fp32 is the faster setting and loader and model share the cores
@@ -854,7 +833,6 @@ def section_train(
         for label, (cls, kw, prefetch) in variants.items():
             if bs != e2e_bss[0] and prefetch:
                 continue  # the thread variant only at the big batch: budget
-            reset_cv2_threads(label)
             name = f"train/end-to-end/{label}/{e2e_setting}/bs{bs}"
             if budget.left() < 25:
                 rec.add(name, None, "img/s", error="skipped: section budget nearly spent")
@@ -924,13 +902,13 @@ def section_train(
             vs_eager=None if not ref else round(rate / ref, 3),
             note=f"torch.compile(model), {compile_s:.0f} s to compile",
         )
-        name = f"train/end-to-end/proposed+thread/best+compile/bs{bs}"
+        name = f"train/end-to-end/ours+thread/best+compile/bs{bs}"
         if budget.left() < 25:
             rec.add(name, None, "img/s", error="skipped: section budget nearly spent")
             return
         dm = make_dm(
             data,
-            GpuProtoDataModule,
+            CatsDogsDataModule,
             image_size=size,
             batch_size=bs,
             num_workers=workers,
@@ -955,7 +933,7 @@ def section_train(
             met=frac >= 0.9,
             target_img_s=4500,
             met_img_s=e2e >= 4500,
-            note=f"gpu loader (proposed, prefetch thread) + compiled best; {frac:.0%} of model-only",
+            note=f"gpu loader (prefetch thread) + compiled best; {frac:.0%} of model-only",
         )
 
 
