@@ -46,6 +46,22 @@ def local_log_dir(trainer: pl.Trainer) -> str | None:
     return logger.save_dir
 
 
+def gather_to_all(obj: Any) -> list[Any]:
+    """``obj`` from every rank, in rank order; ``[obj]`` in a single process.
+
+    A collective under DDP: every rank must call it, at the same point. Objects are
+    pickled, so shares of different lengths (a test split that does not divide by the
+    number of ranks) gather as they are, with no padding to strip.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def run_dir_of(trainer: pl.Trainer) -> Path | None:
     """The run directory: where the checkpoint came from, else the logger's directory."""
     ckpt = trainer.ckpt_path
@@ -357,8 +373,8 @@ class MisclassificationGallery(Callback):
     Collects every test image's logit, then draws one figure per true class with
     the Grad-CAM of the *predicted* class at ``layer`` (where the model looked to
     make its mistake), and lists them in ``misclassified.json``. Written to the run
-    directory of the checkpoint under test. Single-process test runs only (under
-    DDP each rank sees part of the split, and rank 0 draws its own part).
+    directory of the checkpoint under test. Under DDP every rank tests its share of
+    the split; the shares are gathered and rank 0 ranks and draws all of them.
 
     Args:
         k: Images per class.
@@ -388,19 +404,23 @@ class MisclassificationGallery(Callback):
             self._keys.append(outputs["keys"].cpu())
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        mine = (
+            (torch.cat(self._logits), torch.cat(self._keys))
+            if self._logits
+            else (torch.empty(0), torch.empty(0, dtype=torch.long))
+        )
+        shares = gather_to_all(mine)  # every rank, before any rank may return
         dm = trainer.datamodule
-        if (
-            not trainer.is_global_zero
-            or not self._logits
-            or dm is None
-            or not hasattr(dm, "split_rows")
-        ):
+        if not trainer.is_global_zero or dm is None or not hasattr(dm, "split_rows"):
+            return
+        logits = torch.cat([s[0] for s in shares])
+        keys = torch.cat([s[1] for s in shares])
+        if not len(keys):
             return
         from lightning_vgg.explain.atlas import compute_atlas, normalize_per_map, upsample
         from lightning_vgg.explain.plots import gallery_figure, overlay_label
 
         rows = dm.split_rows("test")
-        logits, keys = torch.cat(self._logits), torch.cat(self._keys)
         labels = torch.tensor([rows[int(k)][1] for k in keys])
         prob = torch.sigmoid(logits)
         pred = (prob >= 0.5).long()
@@ -442,9 +462,9 @@ class MisclassificationGallery(Callback):
 class PredictionCSV(BasePredictionWriter):
     """Writes ``predictions.csv`` (path, label, prob_dog, pred) after ``predict``.
 
-    The file goes to the run directory of the checkpoint, next to ``split.csv``.
-    Single-process only: under DDP each rank predicts its own share and rank 0's is
-    written.
+    The file goes to the run directory of the checkpoint, next to ``split.csv``, one
+    row per test image in split order. Under DDP each rank predicts its own share;
+    the shares are gathered and rank 0 writes them all.
     """
 
     def __init__(self) -> None:
@@ -457,6 +477,13 @@ class PredictionCSV(BasePredictionWriter):
         predictions: Any,
         batch_indices: Any,
     ) -> None:
+        mine = [
+            (int(k), float(p))
+            for batch in predictions
+            if batch and "keys" in batch
+            for k, p in zip(batch["keys"].tolist(), batch["prob_dog"].tolist(), strict=True)
+        ]
+        shares = gather_to_all(mine)  # every rank, before any rank may return
         dm = trainer.datamodule
         if not trainer.is_global_zero or dm is None or not hasattr(dm, "split_rows"):
             return
@@ -464,12 +491,9 @@ class PredictionCSV(BasePredictionWriter):
 
         rows = dm.split_rows("test")
         out = []
-        for batch in predictions:
-            if not batch or "keys" not in batch:
-                continue
-            for k, p in zip(batch["keys"].tolist(), batch["prob_dog"].tolist(), strict=True):
-                path, label, _ = rows[int(k)]
-                out.append((path, label, f"{p:.6f}", int(p >= 0.5)))
+        for k, p in sorted(pair for share in shares for pair in share):
+            path, label, _ = rows[k]
+            out.append((path, label, f"{p:.6f}", int(p >= 0.5)))
         run_dir = run_dir_of(trainer) or Path(local_log_dir(trainer) or ".")
         write_csv(run_dir / "predictions.csv", ("path", "label", "prob_dog", "pred"), out)
         rank_zero_info(f"{len(out)} predictions written to {run_dir / 'predictions.csv'}")

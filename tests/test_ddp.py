@@ -27,6 +27,7 @@ a few 1e-7 relative per step, so the comparison allows a small tolerance.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -171,14 +172,14 @@ def test_ddp_config_is_the_seed_recipe_with_ddp(capsys: pytest.CaptureFixture[st
 
 
 # ------------------------------------------------------------------ end to end
-def _fit(tmp: Path, name: str, source: Path, *extra: str, timeout: float = 120) -> Path:
-    """``lightning-vgg fit`` in a fresh interpreter, as a user (or torchrun) starts it."""
+def _cli(tmp: Path, sub: str, name: str, source: Path, *extra: str, timeout: float = 120) -> None:
+    """``lightning-vgg SUB`` in a fresh interpreter, as a user (or torchrun) starts it."""
     save = tmp / "runs"
     cmd = [
         sys.executable,
         "-m",
         "lightning_vgg",
-        "fit",
+        sub,
         "--config",
         str(ROOT / "configs" / "quick.yaml"),
         f"--data.source={source}",
@@ -207,11 +208,16 @@ def _fit(tmp: Path, name: str, source: Path, *extra: str, timeout: float = 120) 
         os.killpg(proc.pid, signal.SIGKILL)
         _, err = proc.communicate()
         pytest.fail(
-            f"{name}: fit did not finish in {timeout:.0f} s; under DDP that is usually a "
+            f"{name}: {sub} did not finish in {timeout:.0f} s; under DDP that is usually a "
             f"collective (e.g. trainer.log_dir) reached by rank 0 only\n{err[-4000:]}"
         )
-    assert proc.returncode == 0, f"{name} failed:\n{err[-4000:]}"
-    runs = sorted((save / name).glob("version_*"))
+    assert proc.returncode == 0, f"{name} {sub} failed:\n{err[-4000:]}"
+
+
+def _fit(tmp: Path, name: str, source: Path, *extra: str, timeout: float = 120) -> Path:
+    """``fit`` in a fresh interpreter; returns the run directory."""
+    _cli(tmp, "fit", name, source, *extra, timeout=timeout)
+    runs = sorted((tmp / "runs" / name).glob("version_*"))
     assert len(runs) == 1, runs
     return runs[0]
 
@@ -292,6 +298,47 @@ def test_ddp_on_two_cpu_processes_matches_one_process(mini_zip: Path, tmp_path: 
     )
     diffs = _compare(single, ddp, atol=1e-4)
     print(f"DDP vs one process, max abs differences: {diffs} ({time.monotonic() - t0:.0f} s)")
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_ddp_test_and_predict_cover_every_rank(mini_zip: Path, tmp_path: Path) -> None:
+    """Two ranks each test half of the split; the outputs are the whole split's.
+
+    ``predictions.csv`` and ``misclassified.json`` come out of a 2-process run
+    exactly as out of a single process on the same checkpoint: every test image
+    once, in split order, not only rank 0's half.
+    """
+    run = _fit(tmp_path, "run", mini_zip, "--trainer.max_epochs=1")
+    ckpt = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    two = ("--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu")
+    outputs = {}
+    for label, extra in (("single", ()), ("ddp", two)):
+        _cli(tmp_path, "test", f"test-{label}", mini_zip, ckpt, *extra)
+        _cli(tmp_path, "predict", f"predict-{label}", mini_zip, ckpt, *extra)
+        outputs[label] = {
+            "predictions": list(csv.DictReader((run / "predictions.csv").open())),
+            "misclassified": json.loads((run / "misclassified.json").read_text()),
+            "test": json.loads((run / "test_metrics.json").read_text()),
+        }
+        (run / "predictions.csv").unlink()
+        (run / "misclassified.json").unlink()
+    single, ddp = outputs["single"], outputs["ddp"]
+    test_paths = [r[0] for r in csv.reader((run / "split.csv").open()) if r[-1] == "test"]
+    assert [r["path"] for r in single["predictions"]] == test_paths  # 40 images, split order
+    assert [r["path"] for r in ddp["predictions"]] == test_paths
+    for a, b in zip(single["predictions"], ddp["predictions"], strict=True):
+        assert float(a["prob_dog"]) == pytest.approx(float(b["prob_dog"]), abs=1e-5)
+    assert [m["image"] for c in ("cat", "dog") for m in ddp["misclassified"][c]] == [
+        m["image"] for c in ("cat", "dog") for m in single["misclassified"][c]
+    ]
+    k = single["misclassified"]["k"]
+    for cls, cname in enumerate(("cat", "dog")):  # the gallery picks from all 40 images
+        wrong = sum(r["label"] == str(cls) != r["pred"] for r in single["predictions"])
+        assert len(ddp["misclassified"][cname]) == min(k, wrong), cname
+    wrong = sum(r["label"] != r["pred"] for r in single["predictions"])
+    assert single["test"]["test/acc"] == pytest.approx(1 - wrong / len(test_paths), abs=1e-6)
+    assert ddp["test"]["test/acc"] == pytest.approx(single["test"]["test/acc"], abs=1e-6)
 
 
 @pytest.mark.slow

@@ -67,7 +67,89 @@ def test_explain_writes_every_file_for_files_and_folders(
         ]:
             with Image.open(out / rel) as im:
                 assert im.size[0] > 100
+        assert (out / files["maps"]).is_file()
     assert not list(tmp_path.glob(".out*partial")), "no staging folder left"
+
+
+def test_explain_maps_match_captum_run_separately(
+    tmp_path: Path, cat_photo: Path, dog_photo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``maps.npz`` holds the exact input and maps that Captum reproduces on its own."""
+    from captum.attr import LayerGradCam
+
+    from lightning_vgg.explain.run import load_image, load_model
+    from lightning_vgg.models.vgg import conv_units
+
+    ckpt = tiny_checkpoint(tmp_path / "m.ckpt", seed=3)
+    out = tmp_path / "e"
+    main(
+        [
+            "explain",
+            f"--ckpt_path={ckpt}",
+            "--images",
+            str(cat_photo),
+            str(dog_photo),
+            f"--out={out}",
+            "--device=cpu",
+            "--workers=0",
+            "--check_captum=true",
+        ]
+    )
+    assert "Captum LayerGradCam agreement" in capsys.readouterr().out
+    report = json.loads((out / "explain.json").read_text())
+    check = report["captum_check"]
+    assert check["passed"] and set(check["per_layer"]) == set(LAYERS)
+    assert 0 <= check["max_rel_diff"] <= 1e-5
+
+    net = load_model(ckpt, "cpu").net
+    units = conv_units(net, "post")
+    for rec, photo in zip(report["images"], (cat_photo, dog_photo), strict=True):
+        data = np.load(out / rec["files"]["maps"])
+        x = torch.from_numpy(data["input"])[None]
+        assert torch.equal(x[0], load_image(photo, 32))  # the exact model input
+        with torch.no_grad():
+            assert float(data["logit"]) == float(net(x))
+        for layer in LAYERS:
+            for cls, sign in (("dog", 1.0), ("cat", -1.0)):
+                ref = LayerGradCam(lambda t, s=sign: s * net(t), units[layer]).attribute(
+                    x.clone(), relu_attributions=True
+                )[0, 0]
+                ours = torch.from_numpy(data[f"gradcam_{cls}.{layer}"])
+                assert ours.shape == ref.shape
+                # batch 1, as Captum here: the same kernels, so the same bits
+                assert torch.equal(ours, ref.detach()), (rec["image"], layer, cls)
+
+
+def test_explain_captum_check_reports_a_disagreement(
+    tmp_path: Path, cat_photo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lightning_vgg.explain.run as run
+
+    real = run.signed_maps
+
+    def skewed(atlas):  # a 1% error in one layer, as a broken implementation would make
+        dog, cat = real(atlas)
+        dog["block4_conv2"] = dog["block4_conv2"] * 1.01
+        return dog, cat
+
+    monkeypatch.setattr(run, "signed_maps", skewed)
+    out = tmp_path / "e"
+    with pytest.warns(UserWarning, match="differs from Captum.*block4_conv2"):
+        main(
+            [
+                "explain",
+                f"--ckpt_path={tiny_checkpoint(tmp_path / 'm.ckpt', seed=3)}",
+                "--images",
+                str(cat_photo),
+                f"--out={out}",
+                "--device=cpu",
+                "--workers=0",
+                "--check_captum=true",
+            ]
+        )
+    check = json.loads((out / "explain.json").read_text())["captum_check"]
+    assert not check["passed"] and check["worst_layer"] == "block4_conv2"
+    assert check["per_layer"]["block4_conv2"] == pytest.approx(0.01, rel=1e-3)
 
 
 def test_explain_without_images_uses_the_runs_test_split(tmp_path: Path, mini_dir: Path) -> None:

@@ -131,7 +131,10 @@ class ImageMaps:
     image: torch.Tensor
     prob_dog: float
     label: int | None
+    logit: float = float("nan")
     activations: dict[str, torch.Tensor] = field(default_factory=dict)
+    raw_dog: dict[str, torch.Tensor] = field(default_factory=dict)
+    raw_cat: dict[str, torch.Tensor] = field(default_factory=dict)
     dog: dict[str, torch.Tensor] = field(default_factory=dict)
     cat: dict[str, torch.Tensor] = field(default_factory=dict)
     zero_dog: dict[str, bool] = field(default_factory=dict)
@@ -163,16 +166,22 @@ def image_maps(
     stage: Stage = "post",
     keep_activations: bool = True,
 ) -> list[ImageMaps]:
-    """Feature maps and both classes' Grad-CAM densities for a batch, one pass."""
+    """Feature maps and both classes' Grad-CAM (raw and as densities) for a batch, one pass."""
     atlas = compute_atlas(model, images, target="dog", stage=stage, activations=keep_activations)
     dog, cat = signed_maps(atlas)
     size = tuple(images.shape[-2:])
     out = []
     for i, name in enumerate(names):
         im = ImageMaps(
-            name=name, image=images[i].cpu(), prob_dog=float(atlas.probs[i]), label=labels[i]
+            name=name,
+            image=images[i].cpu(),
+            prob_dog=float(atlas.probs[i]),
+            label=labels[i],
+            logit=float(atlas.logits[i]),
         )
         for layer in atlas.layer_names:
+            im.raw_dog[layer] = dog[layer][i, 0].cpu()
+            im.raw_cat[layer] = cat[layer][i, 0].cpu()
             im.density_dog[layer] = to_density(dog[layer][i : i + 1], size)[0, 0].cpu()
             im.density_cat[layer] = to_density(cat[layer][i : i + 1], size)[0, 0].cpu()
             if keep_activations:
@@ -215,12 +224,65 @@ def title_of(m: ImageMaps) -> str:
     return f"{m.name}   {overlay_label(m.prob_dog, m.label)}"
 
 
+def write_maps(m: ImageMaps, path: Path) -> Path:
+    """The numbers behind the figures, for checking them against another implementation.
+
+    One ``.npz`` with the exact model input (``input``, ``(3, S, S)`` float32), the
+    ``logit`` and, per layer, the raw Grad-CAM of each class at the layer's own
+    resolution in logit units (``gradcam_dog.<layer>``, ``gradcam_cat.<layer>``):
+    what Captum's ``LayerGradCam`` returns for the score ``+logit`` / ``-logit`` with
+    ``relu_attributions=True``, before any upsampling or normalisation.
+    """
+    from lightning_vgg.fileio import atomic_path
+
+    arrays: dict[str, np.ndarray] = {
+        "input": m.image.numpy().astype(np.float32),
+        "logit": np.float32(m.logit),
+    }
+    for cls in ("dog", "cat"):
+        for layer, cam in getattr(m, f"raw_{cls}").items():
+            arrays[f"gradcam_{cls}.{layer}"] = cam.numpy().astype(np.float32)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+    return path
+
+
+def captum_agreement(
+    model: torch.nn.Module, images: torch.Tensor, maps: Sequence[ImageMaps], stage: Stage
+) -> dict[str, float]:
+    """Per layer, the largest relative difference between our maps and Captum's.
+
+    Runs Captum's ``LayerGradCam`` once per layer and class (26 forward and backward
+    passes for a batch) on the same input, and compares it with the one-pass maps in
+    ``maps``: ``max |ours - captum| / max |captum|`` over the batch, the worse of the
+    two classes. A layer where Captum's map is all zero scores 0 if ours is all zero
+    too, else infinity.
+    """
+    from lightning_vgg.explain.atlas import captum_gradcam
+
+    worst: dict[str, float] = {}
+    with torch.enable_grad():
+        for layer in maps[0].raw_dog:
+            diffs = []
+            for cls, sign in (("dog", 1.0), ("cat", -1.0)):
+                ref = captum_gradcam(model, images, layer, sign, stage=stage)[:, 0].cpu().double()
+                ours = torch.stack([getattr(m, f"raw_{cls}")[layer] for m in maps]).double()
+                peak = float(ref.abs().max())
+                err = float((ours - ref).abs().max())
+                diffs.append(err / peak if peak > 0 else (0.0 if err == 0 else float("inf")))
+            worst[layer] = max(diffs)
+    return worst
+
+
 def write_image_files(
-    m: ImageMaps, out: Path, max_channels: int = 64, overview_n: int = 8
+    m: ImageMaps, out: Path, max_channels: int = 64, overview_n: int = 8, save_maps: bool = True
 ) -> dict[str, Any]:
-    """All figures of one image: feature grids, overview, overlays and the atlas."""
+    """All files of one image: feature grids, overview, overlays, the atlas and the raw maps."""
     files: dict[str, Any] = {"features": {}, "gradcam_dog": {}, "gradcam_cat": {}}
     title = title_of(m)
+    if save_maps:
+        p = write_maps(m, out / "maps.npz")
+        files["maps"] = p.relative_to(out).as_posix()
     for layer, act in m.activations.items():
         p = save_figure(
             feature_map_grid(act, layer, max_channels=max_channels),
@@ -281,11 +343,13 @@ def run_explain(
     stage: Stage = "post",
     normalize: Normalize = "per_map",
     device: str = "auto",
-    batch_size: int = 16,
+    batch_size: int = 1,
     max_channels: int = 64,
     overview_n: int = 8,
     resize: Literal["nearest", "bilinear", "antialias"] = "nearest",
     workers: int = 2,
+    save_maps: bool = True,
+    check_captum: bool = False,
 ) -> Path:
     """Write feature maps of every layer, Grad-CAM of every layer (cat and dog) and an atlas per image.
 
@@ -299,12 +363,22 @@ def run_explain(
         stage: Feature maps after the ReLU (``post``, the seed's) or before (``pre``).
         normalize: Grad-CAM display scale: ``per_map`` or ``shared`` across layers.
         device: ``auto`` (GPU when there is one), ``cpu`` or ``cuda``.
-        batch_size: Images per forward/backward pass.
+        batch_size: Images per forward/backward pass. The default 1 makes each
+            image's numbers independent of the other images given: bit-identical to
+            Captum's ``LayerGradCam`` on that image alone. Larger batches are faster
+            on a GPU (drawing still dominates) and agree to float rounding, which
+            convolution kernels order differently per batch size (up to ~1e-5 of a
+            map's peak where its channels cancel).
         max_channels: Channels drawn per layer in the feature-map grids.
         overview_n: Channels per layer in the overview figure.
         resize: How images are brought to the model's input size.
         workers: Processes drawing figures (matplotlib is the slow part); 0 draws
             in this process.
+        save_maps: Also write each image's model input and raw Grad-CAM maps
+            (``maps.npz``), so the figures can be checked against other tools.
+        check_captum: Recompute every layer's map of both classes with Captum's
+            ``LayerGradCam`` (26 extra passes per batch) and record the largest
+            relative difference per layer in ``explain.json``; warns above 1e-5.
 
     Returns:
         The output folder.
@@ -336,6 +410,7 @@ def run_explain(
         )
 
     records: list[dict[str, Any]] = []
+    agreement: dict[str, float] = {}
     with staged_dir(out) as stage_dir, _figure_pool(workers) as pool:
         bar = tqdm(total=len(loaded), desc="explaining", unit="img", disable=len(loaded) < 4)
         used: set[str] = set()
@@ -345,9 +420,12 @@ def run_explain(
             names = [c[0].name for c in chunk]
             maps = image_maps(model, x, names, [c[2] for c in chunk], stage=stage)
             normalise_maps(maps, normalize)
+            if check_captum:
+                for layer, d in captum_agreement(model, x, maps, stage).items():
+                    agreement[layer] = max(agreement.get(layer, 0.0), d)
             for (path, _, label), m in zip(chunk, maps, strict=True):
                 folder = _unique(f"{len(records) + len(pending):04d}_{path.stem}", used)
-                args = (m, stage_dir / folder, max_channels, overview_n)
+                args = (m, stage_dir / folder, max_channels, overview_n, save_maps)
                 job = (
                     pool.submit(write_image_files, *args)
                     if pool
@@ -362,20 +440,52 @@ def run_explain(
             records.append(_record(*pending.pop(0)))
             bar.update(1)
         bar.close()
-        write_json(
-            stage_dir / "explain.json",
-            {
-                "checkpoint": str(Path(ckpt_path).resolve()),
-                "device": str(next(model.parameters()).device),
-                "stage": stage,
-                "normalize": normalize,
-                "input_size": size,
-                "images": records,
-                "skipped": [{"image": p, "reason": r} for p, r in skipped],
-            },
-        )
+        summary: dict[str, Any] = {
+            "checkpoint": str(Path(ckpt_path).resolve()),
+            "device": str(next(model.parameters()).device),
+            "stage": stage,
+            "normalize": normalize,
+            "input_size": size,
+            "images": records,
+            "skipped": [{"image": p, "reason": r} for p, r in skipped],
+        }
+        if check_captum:
+            summary["captum_check"] = _agreement_summary(agreement)
+        write_json(stage_dir / "explain.json", summary)
     print(f"wrote {len(records)} image(s) to {out}")
+    if check_captum:
+        check = summary["captum_check"]
+        print(
+            f"Captum LayerGradCam agreement: max relative difference {float(check['max_rel_diff']):.2e} "
+            f"({check['worst_layer']}), tolerance {CAPTUM_TOLERANCE:g}: "
+            + ("passed" if check["passed"] else "FAILED")
+        )
     return Path(out)
+
+
+#: Largest relative difference from Captum accepted by ``explain --check_captum``.
+CAPTUM_TOLERANCE = 1e-5
+
+
+def _agreement_summary(per_layer: dict[str, float]) -> dict[str, Any]:
+    """``explain.json``'s record of the Captum check; warns when it failed."""
+    worst = max(per_layer, key=per_layer.__getitem__)
+    failed = sorted(k for k, v in per_layer.items() if not v <= CAPTUM_TOLERANCE)
+    if failed:
+        warnings.warn(
+            f"Grad-CAM differs from Captum's LayerGradCam by more than {CAPTUM_TOLERANCE:g} "
+            f"(relative) at {', '.join(failed)}",
+            stacklevel=3,
+        )
+    return {
+        "reference": "captum.attr.LayerGradCam, one call per layer and class",
+        "measure": "max |ours - captum| / max |captum| over the images, worse class",
+        "tolerance": CAPTUM_TOLERANCE,
+        "max_rel_diff": per_layer[worst] if per_layer[worst] < float("inf") else "inf",
+        "worst_layer": worst,
+        "passed": not failed,
+        "per_layer": {k: (v if v < float("inf") else "inf") for k, v in per_layer.items()},
+    }
 
 
 def _unique(name: str, used: set[str]) -> str:
