@@ -82,8 +82,17 @@ def write_csv(
         writer.writerows(rows)
 
 
+#: zlib level of saved PNGs (1 = fastest; matplotlib's default is 6).
+PNG_COMPRESS_LEVEL = 1
+
+
 def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 100) -> Path:
     """Save a matplotlib figure atomically and close it.
+
+    Rendering and PNG compression dominate ``explain`` (41 figures per image), so
+    figures with a layout engine (already tight) skip ``bbox_inches="tight"``, which
+    renders the figure twice, and PNGs use zlib level 1: several times faster to
+    encode than the default 6, for files about a quarter larger.
 
     Returns:
         The final path, so callers can list what they wrote.
@@ -91,11 +100,15 @@ def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 100) -> Path:
     import matplotlib.pyplot as plt
 
     target = Path(path)
+    fmt = target.suffix.lstrip(".").lower() or "png"
+    extra: dict[str, Any] = {}
+    if fig.get_layout_engine() is None:
+        extra["bbox_inches"] = "tight"
+    if fmt == "png":
+        extra["pil_kwargs"] = {"compress_level": PNG_COMPRESS_LEVEL}
     try:
         with atomic_path(target) as tmp:
-            fig.savefig(
-                tmp, dpi=dpi, format=target.suffix.lstrip(".") or "png", bbox_inches="tight"
-            )
+            fig.savefig(tmp, dpi=dpi, format=fmt, **extra)
     finally:
         plt.close(fig)
     return target

@@ -165,6 +165,29 @@ def test_explain_without_images_uses_the_runs_test_split(tmp_path: Path, mini_di
     assert [r["label"] for r in recs] == ["cat", "dog"]
 
 
+def test_explain_draws_in_worker_processes_without_hanging(tmp_path: Path, cat_photo: Path) -> None:
+    """The drawing pool starts after the model ran; its workers must not deadlock.
+
+    Forked from a process whose torch thread pool was running, a worker hung in its
+    first parallel op; 128 px maps also take the grid's averaging-down path.
+    """
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    model = VGGClassifier(width=1 / 16, input_size=128, hidden=64)
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, ckpt)
+    out = tmp_path / "e"
+    cmd = [sys.executable, "-m", "lightning_vgg", "explain", f"--ckpt_path={ckpt}"]
+    cmd += ["--images", str(cat_photo), f"--out={out}", "--device=cpu", "--workers=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads((out / "explain.json").read_text())["images"][0]
+    with Image.open(out / rec["files"]["features"]["block1_conv1"]) as im:
+        assert im.size[0] > 100
+
+
 def test_explain_handles_odd_files(
     tmp_path: Path, cat_photo: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -129,3 +129,13 @@ def test_atlas_figure(atlas: A.Atlas, photo: torch.Tensor, tmp_path: Path) -> No
     assert w > 3 * h  # a wide strip: 13 layers side by side
     with pytest.raises(ValueError):
         P.atlas_figure(photo, maps_dog, {}, title="missing")
+
+
+def test_block_mean_averages_blocks_and_drops_the_ragged_edge() -> None:
+    from lightning_vgg.explain.plots import block_mean
+
+    a = np.arange(2 * 5 * 4, dtype=np.float32).reshape(2, 5, 4)
+    out = block_mean(a, 2)
+    assert out.shape == (2, 2, 2)  # the 5th row is dropped
+    assert out[1, 1, 0] == np.mean(a[1, 2:4, 0:2])
+    assert block_mean(a, 1) is a

@@ -36,6 +36,8 @@ __all__ = [
     "overlay_label",
 ]
 
+#: Largest side (px) of one channel in a feature-map grid; larger maps are averaged down.
+GRID_CELL_MAX = 112
 #: Opacity of the jet heat map over the photo.
 OVERLAY_ALPHA = 0.45
 #: Text drawn instead of a heat map when the map is all zero.
@@ -194,6 +196,17 @@ def gradcam_overlay(image: Any, map01: Any, title: str, zero: bool | None = None
     return fig
 
 
+def block_mean(a: np.ndarray, k: int) -> np.ndarray:
+    """Average ``(C, h, w)`` over ``k x k`` blocks (edge rows/columns past a multiple of
+    ``k`` are dropped): an area filter for shrinking maps before display."""
+    if k <= 1:
+        return a
+    c, h, w = a.shape
+    hk, wk = max(1, h // k), max(1, w // k)
+    kh, kw = min(k, h), min(k, w)
+    return a[:, : hk * kh, : wk * kw].reshape(c, hk, kh, wk, kw).mean(axis=(2, 4))
+
+
 def tile_channels(a: np.ndarray, cols: int, cell: int | None = None, pad: int = 1) -> np.ndarray:
     """Tile ``(C, h, w)`` channels, each min-max scaled, into one mosaic (NaN gaps).
 
@@ -250,9 +263,17 @@ def feature_map_grid(act: Any, name: str, max_channels: int = 64) -> Figure:
     n = min(c, max_channels)
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    cell = max(a.shape[1], 24)
+    shown = a[:n]
+    if max(shown.shape[1:]) > GRID_CELL_MAX:
+        # A cell is drawn about 1.3 in = 130 px wide: average down to that size here
+        # (area filter, no aliasing) instead of letting the renderer resample a mosaic
+        # several times larger than the figure.
+        # NumPy only: explain draws in forked processes, where torch's thread pool,
+        # started by the parent, would deadlock.
+        shown = block_mean(shown, math.ceil(max(shown.shape[1:]) / GRID_CELL_MAX))
+    cell = max(shown.shape[1], 24)
     fig = _figure(max(3.0, 1.3 * cols), 1.3 * rows + 0.5)
-    _mosaic_axis(fig.add_subplot(), tile_channels(a[:n], cols, cell=cell, pad=max(1, cell // 12)))
+    _mosaic_axis(fig.add_subplot(), tile_channels(shown, cols, cell=cell, pad=max(1, cell // 12)))
     title = f"{name}  {tuple(int(s) for s in a.shape)}"
     if n < c:
         title += f"  (first {n} of {c} channels)"

@@ -517,16 +517,30 @@ class _Done:
 
 @contextlib.contextmanager
 def _figure_pool(workers: int) -> Iterator[Any]:
-    """A fork-based process pool for drawing, or ``None`` for serial drawing."""
+    """A process pool for drawing, or ``None`` for serial drawing.
+
+    Not plain ``fork``: the pool starts its processes at the first job, after the
+    model has run, and a child forked from a process whose torch thread pool is
+    running deadlocks in its first parallel op (seen here as a hung ``explain``).
+    ``forkserver`` forks from a clean server process instead, and ``spawn`` is the
+    fallback where there is none; each worker pays its imports once.
+    """
     if workers <= 0:
         yield None
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=mp.get_context(method), initializer=_drawing_worker
+    ) as pool:
         yield pool
+
+
+def _drawing_worker() -> None:
+    """One thread per drawing process: they run side by side, not inside each other."""
+    torch.set_num_threads(1)
 
 
 def _record(
