@@ -109,6 +109,19 @@ def check_cli(data: Path) -> None:
         acc = summary["metrics"]["test_acc"]
         row("cli_quick_fit_test_on_gpu", time.perf_counter() - t0, "s", acc is not None, test_acc=acc,
             device_in_summary=summary["device"])  # fmt: skip
+        # explain on the GPU, every layer and class checked against Captum on the same batch
+        t0 = time.perf_counter()
+        main(
+            [
+                "explain", f"--ckpt_path={run}/checkpoints/best.ckpt", "--n=8",
+                f"--out={tmp}/explain", "--device=cuda", "--batch_size=8", "--check_captum=true",
+            ]
+        )  # fmt: skip
+        report = json.loads(Path(tmp, "explain", "explain.json").read_text())
+        check = report["captum_check"]
+        row("cli_explain_on_gpu_vs_captum", check["max_rel_diff"], "max rel diff", check["passed"],
+            seconds=round(time.perf_counter() - t0, 1), device=report["device"],
+            images=len(report["images"]), worst_layer=check["worst_layer"])  # fmt: skip
 
 
 def main() -> None:
