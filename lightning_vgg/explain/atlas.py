@@ -141,13 +141,16 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     ``model.train(previous)`` would not do: it sets one flag on every submodule and so
     loses mixed states (e.g. frozen BN layers in a training model).
     """
-    saved = [(m, m.training) for m in model.modules()]
-    model.eval()
+    # Nothing to do for a model already in eval mode (the usual case for explaining):
+    # one walk over the modules instead of a recursive ``eval()`` and its restore.
+    training = [m for m in model.modules() if m.training]
+    if training:
+        model.eval()
     try:
         yield model
     finally:
-        for m, was_training in saved:
-            m.training = was_training
+        for m in training:
+            m.training = True
 
 
 # --------------------------------------------------------------------------- hooks
