@@ -323,3 +323,16 @@ def test_callbacks_leave_mode_bn_stats_and_hooks_as_they_were(
     assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
     assert torch.equal(bn.num_batches_tracked, before[2])
     assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+
+
+def test_collect_images_keeps_folder_order_and_drops_repeats(tmp_path: Path) -> None:
+    from lightning_vgg.errors import UserError
+    from lightning_vgg.explain.run import collect_images
+
+    (tmp_path / "sub").mkdir()
+    for name in ("b.jpg", "a.png", "notes.txt", "sub/c.JPG"):
+        (tmp_path / name).write_bytes(b"x")
+    got = collect_images([tmp_path / "b.jpg", tmp_path, tmp_path / "sub" / ".." / "a.png"])
+    assert [p.relative_to(tmp_path).as_posix() for p in got] == ["b.jpg", "a.png", "sub/c.JPG"]
+    with pytest.raises(UserError, match="image not found"):
+        collect_images([tmp_path / "missing.jpg"])

@@ -87,7 +87,11 @@ def label_from_path(path: str | Path) -> int | None:
 
 
 def collect_images(paths: Sequence[str | Path]) -> list[Path]:
-    """Expand files and folders (recursively) into a sorted list of image files."""
+    """Expand files and folders (recursively) into a list of image files.
+
+    Folders contribute their images sorted; a file named twice (on its own and inside
+    a folder given too) is kept once, where it first appears.
+    """
     out: list[Path] = []
     for raw in paths:
         p = Path(raw)
@@ -104,7 +108,14 @@ def collect_images(paths: Sequence[str | Path]) -> list[Path]:
             out.append(p)
         else:
             raise UserError(f"image not found: {p}")
-    return out
+    seen: set[Path] = set()
+    unique = []
+    for p in out:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
 
 
 def load_image(path: str | Path, size: int, resize: str = "nearest") -> torch.Tensor:
