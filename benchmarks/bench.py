@@ -1041,8 +1041,10 @@ def section_atlas(rec: Recorder, args: argparse.Namespace, dev: torch.device, da
             torch.cuda.empty_cache()
         return rm, rr, [a / b for a, b in zip(rm, rr, strict=True)]
 
-    def add_pair(tag: str, vshape: dict[str, Any], rm: list[float], rr: list[float],
-                 ratios: list[float], note: str) -> None:  # fmt: skip
+    def measure_pair(tag: str, vshape: dict[str, Any], mine: Callable[[], Any],
+                     ref: Callable[[], Any], note: str) -> float:  # fmt: skip
+        """Time ours against Captum with :func:`paired`, add the three rows, return our rate."""
+        rm, rr, ratios = paired(mine, ref, vshape["batch"])
         rec.add(f"atlas/ours-one-pass{tag}", statistics.median(rm), "img/s", **vshape,
                 repeats=[round(v, 2) for v in rm],
                 note="compute_atlas: 13 layers, 1 forward + 1 backward")  # fmt: skip
@@ -1052,13 +1054,13 @@ def section_atlas(rec: Recorder, args: argparse.Namespace, dev: torch.device, da
         rec.add(f"atlas/ours-vs-captum-per-layer{tag}", ratio, "x", **vshape, target=8.0,
                 met=ratio >= 8.0, per_round=[round(v, 2) for v in ratios],
                 note=f"target >= 8x; median of per-round ratios, the sides timed in turns{note}")  # fmt: skip
+        return statistics.median(rm)
 
-    rm, rr, ratios = paired(ours, captum, n)
-    add_pair("", shape, rm, rr, ratios, "")
+    rate_ours = measure_pair("", shape, ours, captum, "")
     rate_g, per_g = rate_of(gradcam, n)
     rec.add("atlas/pytorch-grad-cam-per-layer", rate_g, "img/s", **shape, repeats=per_g,
             note="pytorch_grad_cam.GradCAM x 13 layers")  # fmt: skip
-    rec.add("atlas/ours-vs-pytorch-grad-cam-per-layer", statistics.median(rm) / rate_g, "x",
+    rec.add("atlas/ours-vs-pytorch-grad-cam-per-layer", rate_ours / rate_g, "x",
             **shape, note="")  # fmt: skip
 
     # What bounds the ratio: the arithmetic each side does (conv + matmul FLOPs, as run).
@@ -1094,16 +1096,15 @@ def section_atlas(rec: Recorder, args: argparse.Namespace, dev: torch.device, da
             prev = torch.backends.cudnn.benchmark
             torch.backends.cudnn.benchmark = bench_mode
             try:
-                rm, rr, ratios = paired(
+                measure_pair(
+                    f"/{tag}",
+                    {**shape, "batch": bs, "cudnn_benchmark": bench_mode},
                     lambda xb=xb: compute_atlas(model, xb, target="pred"),
                     lambda xb=xb, sb=sb: [captum_gradcam(model, xb, k, sb) for k in names],
-                    bs,
+                    f"; batch {bs}, cudnn.benchmark={bench_mode} on both sides",
                 )
             finally:
                 torch.backends.cudnn.benchmark = prev
-            vshape = {**shape, "batch": bs, "cudnn_benchmark": bench_mode}
-            add_pair(f"/{tag}", vshape, rm, rr, ratios,
-                     f"; batch {bs}, cudnn.benchmark={bench_mode} on both sides")  # fmt: skip
 
     # agreement on the same inputs and targets
     atlas = ours()

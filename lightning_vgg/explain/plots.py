@@ -268,8 +268,6 @@ def feature_map_grid(act: Any, name: str, max_channels: int = 64) -> Figure:
         # A cell is drawn about 1.3 in = 130 px wide: average down to that size here
         # (area filter, no aliasing) instead of letting the renderer resample a mosaic
         # several times larger than the figure.
-        # NumPy only: explain draws in forked processes, where torch's thread pool,
-        # started by the parent, would deadlock.
         shown = block_mean(shown, math.ceil(max(shown.shape[1:]) / GRID_CELL_MAX))
     cell = max(shown.shape[1], 24)
     fig = _figure(max(3.0, 1.3 * cols), 1.3 * rows + 0.5)

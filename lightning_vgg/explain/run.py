@@ -488,14 +488,15 @@ def _agreement_summary(per_layer: dict[str, float]) -> dict[str, Any]:
             f"(relative) at {', '.join(failed)}",
             stacklevel=3,
         )
+    as_json = {k: (v if v < float("inf") else "inf") for k, v in per_layer.items()}  # no JSON inf
     return {
         "reference": "captum.attr.LayerGradCam, one call per layer and class",
         "measure": "max |ours - captum| / max |captum| over the images, worse class",
         "tolerance": CAPTUM_TOLERANCE,
-        "max_rel_diff": per_layer[worst] if per_layer[worst] < float("inf") else "inf",
+        "max_rel_diff": as_json[worst],
         "worst_layer": worst,
         "passed": not failed,
-        "per_layer": {k: (v if v < float("inf") else "inf") for k, v in per_layer.items()},
+        "per_layer": as_json,
     }
 
 
