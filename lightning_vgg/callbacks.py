@@ -73,6 +73,87 @@ def run_dir_of(trainer: pl.Trainer) -> Path | None:
     return Path(log_dir) if log_dir else None
 
 
+#: Keys of the image counts ``test`` records beside its metrics.
+COUNT_KEYS = ("test/n_images", "test/n_skipped")
+_EVAL_SPLIT = {"validate": "validation", "test": "test", "predict": "test"}
+
+
+def _requested_images(trainer: pl.Trainer, stage: str) -> int | None:
+    """Images this rank's loader asks for in the current ``stage`` run: the batches
+    Lightning will draw (``limit_*_batches``, ``fast_dev_run``), counted from its
+    batch sampler. ``None`` when the loader has no batch sampler to count."""
+    import itertools
+    import math
+
+    loader = {
+        "validate": trainer.val_dataloaders,
+        "test": trainer.test_dataloaders,
+        "predict": trainer.predict_dataloaders,
+    }[stage]
+    limits = {
+        "validate": trainer.num_val_batches,
+        "test": trainer.num_test_batches,
+        "predict": trainer.num_predict_batches,
+    }[stage]
+    if isinstance(loader, (list, tuple)):
+        if len(loader) != 1:
+            return None
+        loader = loader[0]
+    sampler = getattr(loader, "batch_sampler", None)
+    limit = limits[0] if limits else math.inf
+    if sampler is None:
+        return None
+    stop = None if math.isinf(limit) else int(limit)
+    return sum(len(batch) for batch in itertools.islice(iter(sampler), stop))
+
+
+def count_eval_images(trainer: pl.Trainer, stage: str, used: int) -> tuple[int, int]:
+    """``(used, skipped)`` images of a ``validate``/``test``/``predict`` run, all ranks.
+
+    ``used`` is this rank's count of images that reached the model; the loader's
+    batch sampler says how many were asked for, and the difference could not be
+    read (each was skipped with a warning). A collective under DDP: every rank calls
+    it at the same point.
+
+    Raises:
+        UserError: No image could be read, or more than ``data.max_missing_fraction``
+            of them could not, so the result would not be the split's; the caller
+            has written nothing yet and earlier results stay as they were.
+    """
+    asked = _requested_images(trainer, stage)
+    counts = torch.tensor(
+        [used, -1 if asked is None else asked],
+        dtype=torch.long,
+        device=trainer.strategy.root_device,
+    )
+    if trainer.world_size > 1:
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+    total_used, total_asked = (int(v) for v in counts.tolist())
+    known = asked is not None
+    skipped = max(0, total_asked - total_used) if known else 0
+    dm = trainer.datamodule
+    limit = float(getattr(getattr(dm, "hparams", {}), "max_missing_fraction", 0.01))
+    split = _EVAL_SPLIT[stage]
+    cause = (
+        "the warnings above name the files; were the images or the data cache "
+        "(data.cache_dir) deleted or moved since split.csv was written?"
+    )
+    if total_used == 0:
+        of = f" of the {total_asked}" if known else ""
+        raise UserError(
+            f"{stage}: none{of} {split} images could be read, so there is no result and "
+            f"nothing was written; {cause}"
+        )
+    if known and total_asked and skipped / total_asked > limit:
+        raise UserError(
+            f"{stage}: {skipped} of {total_asked} {split} images "
+            f"({skipped / total_asked:.1%}) could not be read, more than "
+            f"data.max_missing_fraction={limit:g}; nothing was written; {cause} "
+            "Raise data.max_missing_fraction to accept a result on the other images"
+        )
+    return total_used, skipped
+
+
 class RunArtifacts(Callback):
     """Keeps ``metrics.csv``, ``history.png`` and ``summary.{json,md}`` up to date.
 
@@ -146,15 +227,22 @@ class RunArtifacts(Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        test = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        test = {
+            k: int(v) if k in COUNT_KEYS else float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("test/")
+        }
         run_dir = run_dir_of(trainer)
-        if run_dir is None:
-            return
+        if run_dir is None or "test/acc" not in test:
+            return  # never replace earlier results with empty ones
         rows = self.rows
         if (run_dir / "metrics.csv").exists():
             rows = read_metrics_csv(run_dir / "metrics.csv")
         summary = self._summary(trainer, rows, test)
         summary["checkpoint"] = str(trainer.ckpt_path) if trainer.ckpt_path else None
+        for key in COUNT_KEYS:  # how many test images the numbers are over
+            if key in test:
+                summary["metrics"][key.replace("/", "_")] = test[key]
         if (
             run_dir / "summary.json" != Path(local_log_dir(trainer) or "") / "summary.json"
             and (run_dir / "summary.json").exists()
@@ -167,6 +255,25 @@ class RunArtifacts(Callback):
         write_json(run_dir / "test_metrics.json", test)
         write_run_outputs(run_dir, summary, rows, self.reference)
         rank_zero_info(f"test results written to {run_dir}/summary.md")
+
+
+class StopWhenDataRunsOut(Callback):
+    """Ends ``fit`` after the epoch that used up a ``data.exhausted: stop`` stream.
+
+    tf.keras 2.x stopped ``fit`` when its input ran out before ``steps_per_epoch``
+    was reached; the data module's batch sampler reproduces the short epoch, and
+    this callback the stop (without it the remaining epochs would be empty).
+    """
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = trainer.datamodule
+        if dm is None or not getattr(dm, "train_stream_exhausted", lambda: False)():
+            return
+        trainer.should_stop = True
+        rank_zero_info(
+            f"the training data ran out after {trainer.global_step} step(s): training stops "
+            "(data.exhausted: stop, as tf.keras 2.x: 'Your input ran out of data')"
+        )
 
 
 class FiniteLossGuard(Callback):
@@ -213,6 +320,12 @@ class FiniteLossGuard(Callback):
             f"training loss became {float(loss.detach().float().mean())} at epoch {trainer.current_epoch}, "
             f"step {self._step} (batch {batch_idx}); training stopped and {where}"
         )
+
+
+def _check_score(score: str) -> Literal["logit", "probability"]:
+    if score not in ("logit", "probability"):
+        raise UserError(f"score must be logit or probability, got {score!r}")
+    return score  # type: ignore[return-value]
 
 
 class _ProbeCallback(Callback):
@@ -335,6 +448,9 @@ class GradCAMCallback(_ProbeCallback):
         normalize: ``shared`` (one scale across layers: weak evidence looks weak)
             or ``per_map``.
         log_to_logger: Also send figures to TensorBoard when it is the logger.
+        score: What Grad-CAM differentiates: ``logit`` (``±logit``) or
+            ``probability`` (``P(dog)`` / ``1 - P(dog)``, the seed's); see
+            :func:`~lightning_vgg.explain.atlas.compute_atlas`. Named in the titles.
     """
 
     kind = "gradcam"
@@ -345,9 +461,11 @@ class GradCAMCallback(_ProbeCallback):
         per_class: int = 2,
         normalize: Literal["shared", "per_map"] = "shared",
         log_to_logger: bool = True,
+        score: Literal["logit", "probability"] = "logit",
     ) -> None:
         super().__init__(every_n_epochs, per_class, log_to_logger)
         self.normalize = normalize
+        self.score = _check_score(score)
 
     def figures(
         self, pl_module: pl.LightningModule, x: torch.Tensor, y: torch.Tensor, paths: list[str]
@@ -356,7 +474,9 @@ class GradCAMCallback(_ProbeCallback):
         from lightning_vgg.explain.run import image_maps, normalise_maps, title_of
 
         names = [Path(p).name for p in paths]
-        maps = image_maps(pl_module, x, names, [int(v) for v in y], keep_activations=False)
+        maps = image_maps(
+            pl_module, x, names, [int(v) for v in y], keep_activations=False, score=self.score
+        )
         normalise_maps(maps, self.normalize)
         return [
             (
@@ -374,16 +494,29 @@ class MisclassificationGallery(Callback):
     the Grad-CAM of the *predicted* class at ``layer`` (where the model looked to
     make its mistake), and lists them in ``misclassified.json``. Written to the run
     directory of the checkpoint under test. Under DDP every rank tests its share of
-    the split; the shares are gathered and rank 0 ranks and draws all of them.
+    the split; the shares are gathered and rank 0 ranks and draws all of them. The
+    images are reloaded through the data module's
+    :class:`~lightning_vgg.data.preprocess.Preprocess`, the test loader's own
+    preprocessing, so the overlays explain the very inputs that were misclassified.
 
     Args:
         k: Images per class.
         layer: Conv layer of the overlays (Keras name).
+        score: What Grad-CAM differentiates: ``logit`` (``±logit`` of the predicted
+            class) or ``probability`` (its probability, as the seed). Each overlay
+            is scaled to its own maximum, so this only changes maps whose
+            ``p(1-p)`` underflows to 0 (saturated predictions: all-zero maps).
     """
 
-    def __init__(self, k: int = 8, layer: str = "block5_conv3") -> None:
+    def __init__(
+        self,
+        k: int = 8,
+        layer: str = "block5_conv3",
+        score: Literal["logit", "probability"] = "logit",
+    ) -> None:
         self.k = k
         self.layer = layer
+        self.score = _check_score(score)
         self._logits: list[torch.Tensor] = []
         self._keys: list[torch.Tensor] = []
 
@@ -440,7 +573,12 @@ class MisclassificationGallery(Callback):
             if paths:
                 x, _, _ = dm.probe_from_paths(paths)
                 atlas = compute_atlas(
-                    pl_module, x, target="pred", layers=[self.layer], activations=False
+                    pl_module,
+                    x,
+                    target="pred",
+                    layers=[self.layer],
+                    activations=False,
+                    score=self.score,
                 )
                 cam = upsample(atlas.cams[self.layer], tuple(x.shape[-2:]))
                 maps01 = normalize_per_map(cam)[0][:, 0].cpu()
@@ -453,10 +591,20 @@ class MisclassificationGallery(Callback):
                 images,
                 maps01,
                 captions,
-                f"true {cname}s most confidently called {'dog' if cls == 0 else 'cat'} (Grad-CAM {self.layer})",
+                f"true {cname}s most confidently called {'dog' if cls == 0 else 'cat'} "
+                f"(Grad-CAM of {self._score_name(1 - cls)}, {self.layer})",
             )
             save_figure(fig, run_dir / f"misclassified_{cname}.png")
-        write_json(run_dir / "misclassified.json", {"layer": self.layer, "k": self.k, **listing})
+        write_json(
+            run_dir / "misclassified.json",
+            {"layer": self.layer, "k": self.k, "score": self.score, **listing},
+        )
+
+    def _score_name(self, pred: int) -> str:
+        """The differentiated score of the predicted class ``pred`` (cat 0, dog 1)."""
+        if self.score == "probability":
+            return "P(dog)" if pred == 1 else "P(cat)"
+        return "+logit" if pred == 1 else "−logit"
 
 
 class PredictionCSV(BasePredictionWriter):
@@ -464,7 +612,9 @@ class PredictionCSV(BasePredictionWriter):
 
     The file goes to the run directory of the checkpoint, next to ``split.csv``, one
     row per test image in split order. Under DDP each rank predicts its own share;
-    the shares are gathered and rank 0 writes them all.
+    the shares are gathered and rank 0 writes them all. When no image, or more than
+    ``data.max_missing_fraction`` of them, could be read, nothing is written and the
+    command fails (:func:`count_eval_images`).
     """
 
     def __init__(self) -> None:
@@ -483,6 +633,9 @@ class PredictionCSV(BasePredictionWriter):
             if batch and "keys" in batch
             for k, p in zip(batch["keys"].tolist(), batch["prob_dog"].tolist(), strict=True)
         ]
+        # refuses (on every rank) when too few images could be read: no file is written
+        used = sum(len(batch["prob_dog"]) for batch in predictions if batch)
+        _, skipped = count_eval_images(trainer, "predict", used)
         shares = gather_to_all(mine)  # every rank, before any rank may return
         dm = trainer.datamodule
         if not trainer.is_global_zero or dm is None or not hasattr(dm, "split_rows"):
@@ -496,4 +649,67 @@ class PredictionCSV(BasePredictionWriter):
             out.append((path, label, f"{p:.6f}", int(p >= 0.5)))
         run_dir = run_dir_of(trainer) or Path(local_log_dir(trainer) or ".")
         write_csv(run_dir / "predictions.csv", ("path", "label", "prob_dog", "pred"), out)
-        rank_zero_info(f"{len(out)} predictions written to {run_dir / 'predictions.csv'}")
+        unread = f" ({skipped} unreadable images skipped)" if skipped else ""
+        rank_zero_info(f"{len(out)} predictions written to {run_dir / 'predictions.csv'}{unread}")
+
+
+class EpochProgress(Callback):
+    """One plain line per training epoch on stdout, and an optional wall-clock deadline.
+
+    Prints ``<name> epoch 12/250 step 960 train_acc 0.7100 val_acc 0.6900 elapsed 83 s``
+    after each epoch's validation (flushed at once, so a driver that reads the
+    process's output sees it live). With ``stop_at`` set, training stops at the end of
+    the first epoch after which another epoch as long as the last one would end past
+    that moment: the fit then ends normally, with its checkpoints and summary written,
+    instead of being killed halfway.
+
+    Args:
+        name: What each line starts with; defaults to the logger's name.
+        every_n_epochs: Print every n-th epoch (the first and a stopping one always).
+        stop_at: A Unix time (``time.time()``) to stop training before; ``None``: none.
+    """
+
+    def __init__(
+        self, name: str | None = None, every_n_epochs: int = 1, stop_at: float | None = None
+    ) -> None:
+        if every_n_epochs < 1:
+            raise UserError(f"every_n_epochs must be at least 1, got {every_n_epochs}")
+        self.name = name
+        self.every_n_epochs = every_n_epochs
+        self.stop_at = stop_at
+        self._t0 = time.monotonic()
+        self._last = self._t0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t0 = self._last = time.monotonic()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        now = time.monotonic()
+        took, self._last = now - self._last, now
+        epoch = trainer.current_epoch + 1
+        late = self.stop_at is not None and time.time() + took > self.stop_at
+        limit = trainer.max_epochs
+        stopping = late and (limit is None or limit < 0 or epoch < limit)
+        if self.stop_at is not None:  # every DDP rank stops at the same epoch
+            stopping = trainer.strategy.reduce_boolean_decision(stopping, all=False)
+        if stopping:
+            trainer.should_stop = True
+        if not trainer.is_global_zero:
+            return
+        if epoch == 1 or stopping or epoch % self.every_n_epochs == 0:
+            m = trainer.callback_metrics
+            cells = [
+                f"{label} {float(m[key]):.4f}"
+                for key, label in (("train/acc", "train_acc"), ("val/acc", "val_acc"))
+                if key in m
+            ]
+            name = self.name or getattr(trainer.logger, "name", None) or "fit"
+            print(
+                f"{name} epoch {epoch}/{trainer.max_epochs} step {trainer.global_step} "
+                f"{' '.join(cells)} elapsed {now - self._t0:.0f} s",
+                flush=True,
+            )
+            if stopping:
+                print(f"{name} stopping after epoch {epoch}: the deadline is near", flush=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import glob
 import io
+import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             handle.write(buffer.getbuffer())
         _remove_leftovers(target)
 
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Resume and evaluation loads: never unpickle anything but tensors and plain data.
+
+        ``weights_only=None`` would leave the choice to torch's default and its
+        environment overrides; a checkpoint that needs more is refused with one line.
+        """
+        if weights_only is False:
+            raise UserError("lightning_vgg loads checkpoints with weights_only=True only")
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        return read_checkpoint(path, map_location or "cpu")
+
 
 def _remove_leftovers(target: Path) -> None:
     """Delete temporary files of earlier saves of ``target`` that were killed mid-write.
@@ -64,15 +80,56 @@ def _remove_leftovers(target: Path) -> None:
             stale.unlink()
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint on the CPU with a clear error for missing or broken files."""
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint on the CPU without running any code stored in it.
+
+    Checkpoints are what people download and share, and a pickle can call any
+    function while it loads. ``weights_only=True`` lets torch's restricted unpickler
+    build tensors and plain data only (our checkpoints hold nothing else); a file
+    that names any other object is refused before that object is created.
+
+    Raises:
+        UserError: The file is missing, truncated, not a checkpoint, or holds
+            Python objects beyond tensors and plain data.
+    """
     p = Path(path)
     if not p.is_file():
         raise UserError(f"checkpoint not found: {p}")
     try:
-        return torch.load(p, map_location="cpu", weights_only=False)
+        ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=_is_zip(p))
+    except pickle.UnpicklingError as exc:
+        found = _UNSAFE.search(str(exc))
+        if found:  # torch's restricted unpickler met an object it will not build
+            raise UserError(unsafe_checkpoint_message(p, found.group(1))) from None
+        raise UserError(f"cannot read checkpoint {p}: not a readable checkpoint") from None
     except Exception as exc:
-        raise UserError(f"cannot read checkpoint {p}: {exc}") from exc
+        raise UserError(f"cannot read checkpoint {p}: {_first_line(exc)}") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{p} is not a checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+    return ckpt
+
+
+#: How torch's restricted unpickler names an object it refused to build.
+_UNSAFE = re.compile(r"(?:unsupported GLOBAL|Unsupported global:? ?(?:GLOBAL)?) ?([\w.]+)")
+
+
+def unsafe_checkpoint_message(path: Path, what: str) -> str:
+    """One line for a checkpoint that the restricted unpickler refused."""
+    return (
+        f"refusing checkpoint {path}: it holds a Python object ({what}) beyond tensors and "
+        "plain data, which loading would have to run; it was not loaded, and nothing in it ran"
+    )
+
+
+def _is_zip(path: Path) -> bool:
+    """torch's zip format can be memory-mapped (only the tensors read are paged in)."""
+    with path.open("rb") as handle:
+        return handle.read(4) == b"PK\x03\x04"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def check_architecture(
@@ -86,6 +143,43 @@ def check_architecture(
     ]
     if diffs:
         raise UserError(f"checkpoint {path} is for another architecture: " + "; ".join(diffs))
+
+
+#: Data settings that decide which image lands in which split (and which train).
+SPLIT_KEYS = ("source", "split_sizes", "split_file", "seed", "subset_per_class", "flip_labels")
+
+
+def _same_setting(key: str, old: Any, new: Any) -> bool:
+    if key == "split_sizes" and old is not None and new is not None:
+        return [float(v) for v in old] == [float(v) for v in new]
+    if key in ("source", "split_file") and old is not None and new is not None:
+        a, b = Path(str(old)), Path(str(new))
+        if "://" not in str(old) and a.exists() and b.exists():
+            return a.resolve() == b.resolve()
+    return old == new
+
+
+def check_split_settings(
+    ckpt_data: Mapping[str, Any] | None, data: Mapping[str, Any], path: str | Path
+) -> None:
+    """Refuse to resume a run under data settings that would give it another split.
+
+    A resume with another ``data.seed`` used to rewrite the run's ``split.csv``, so
+    that ``test`` then scored images the model had trained on.
+    """
+    if not isinstance(ckpt_data, Mapping):
+        return
+    diffs = [
+        f"{k}={ckpt_data.get(k)!r} in the checkpoint but {data.get(k)!r} now"
+        for k in SPLIT_KEYS
+        if k in ckpt_data and k in data and not _same_setting(k, ckpt_data[k], data[k])
+    ]
+    if diffs:
+        raise UserError(
+            f"cannot resume {path} with other data settings (the split would change): "
+            + "; ".join(diffs)
+            + ". Resume with the run's settings, or start a new run without --ckpt_path"
+        )
 
 
 def run_dir_of_checkpoint(path: str | Path) -> Path:

@@ -114,34 +114,270 @@ def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 100) -> Path:
     return target
 
 
-@contextlib.contextmanager
-def staged_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Build a whole output folder beside ``path``, then swap it into place.
+# --------------------------------------------------------------------------- output folders
 
-    An interrupted command leaves the previous folder (or none), never a folder
-    that looks complete but misses files. On success an existing ``path`` is
-    replaced as a whole.
+#: The file that marks a folder as written by this tool and lists what it wrote there.
+MANIFEST = ".lightning_vgg-manifest.json"
+TOOL = "lightning-vgg"
+
+
+def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The manifest of an output folder, or ``None`` if it has none (or not ours).
+
+    Only safe entries survive in ``files``: relative POSIX paths without ``..``, so
+    a hand-edited manifest can never point outside its folder.
     """
-    target = Path(path)
+    try:
+        with open(Path(folder) / MANIFEST, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("tool") != TOOL:
+        return None
+    files = data.get("files")
+    data["files"] = sorted({f for f in files if _safe_rel(f)} if isinstance(files, list) else set())
+    return data
+
+
+def _safe_rel(rel: Any) -> bool:
+    if not isinstance(rel, str) or not rel or rel == MANIFEST or "\\" in rel or "\0" in rel:
+        return False
+    parts = rel.split("/")
+    return not rel.startswith("/") and all(p not in ("", ".", "..") for p in parts)
+
+
+def _holds(outer: Path, inner: Path) -> bool:
+    return outer == inner or outer in inner.parents
+
+
+def check_output_location(
+    path: str | os.PathLike[str], protected: Sequence[str | os.PathLike[str]] = ()
+) -> None:
+    """Refuse output folders that could hold a user's own files or this command's inputs.
+
+    Refused: the current directory (``--out .``) or one of its ancestors, the home
+    directory or one of its ancestors (so the filesystem root), something that is not
+    a folder, and any folder equal to or an ancestor of a ``protected`` path (the
+    checkpoint, its run folder, the data, the images read). A folder inside one of
+    them is fine.
+
+    Raises:
+        UserError: Naming the folder and why.
+    """
+    given = Path(path)
+    where = given.resolve()
+    if where == Path(where.anchor):
+        raise UserError(f"refusing to write into {given}: it is the filesystem root")
+    places = [(Path.cwd().resolve(), "the current directory")]
+    with contextlib.suppress(RuntimeError, KeyError):
+        places.append((Path.home().resolve(), "your home directory"))
+    for place, what in places:
+        if _holds(where, place):
+            kind = "is" if where == place else "holds"
+            raise UserError(
+                f"refusing to write into {given}: it {kind} {what} ({place}); "
+                "give --out a folder of its own, e.g. --out results"
+            )
+    inputs = [(raw, Path(raw).resolve()) for raw in protected]
+    hit = next((raw for raw, p in inputs if where == p), None)
+    kind = "is" if hit is not None else "holds"
+    hit = hit if hit is not None else next((raw for raw, p in inputs if _holds(where, p)), None)
+    if hit is not None:
+        raise UserError(
+            f"refusing to write into {given}: it {kind} {hit}, an input of this command; "
+            "give --out a folder of its own"
+        )
+    if os.path.lexists(where) and not where.is_dir():
+        raise UserError(f"--out {given} exists and is not a folder")
+
+
+def check_output_dir(
+    path: str | os.PathLike[str],
+    protected: Sequence[str | os.PathLike[str]] = (),
+    overwrite: bool = False,
+    command: str | None = None,
+    writes: Sequence[str] = (),
+) -> None:
+    """Refuse, before any work, an output folder the command must not write into.
+
+    Besides :func:`check_output_location`: without ``overwrite`` the folder must not
+    exist, be empty, or hold only files this tool listed in its manifest (then
+    earlier results of the same ``command`` are replaced). ``overwrite`` allows a
+    folder with other files, or another command's results: the files of the
+    previous manifest are replaced or removed, everything else is kept. Even then a
+    file of ``writes`` (names the command always writes) that the tool did not write
+    is refused, since it would be replaced.
+
+    Raises:
+        UserError: Naming the folder and the ``--overwrite`` flag.
+    """
+    check_output_location(path, protected)
+    given, where = Path(path), Path(path).resolve()
+    if not where.is_dir():
+        return
+    manifest = read_manifest(where)
+    owned = set(manifest["files"]) if manifest else set()
+    if overwrite:
+        clash = [n for n in writes if n not in owned and os.path.lexists(where / n)]
+        if clash:
+            raise UserError(
+                f"output folder {given} already holds {', '.join(clash)}, not written by "
+                f"{TOOL}; even with --overwrite only files listed in its {MANIFEST} are "
+                "replaced: move them away or choose another --out"
+            )
+        return
+    foreign = _first_foreign(where, owned)
+    if foreign is not None and manifest is None:
+        raise UserError(
+            f"output folder {given} is not empty and was not written by {TOOL} (it has no "
+            f"{MANIFEST}; e.g. {foreign}): choose a new or empty folder, or pass "
+            f"--overwrite true to add the results to it (files {TOOL} did not write are "
+            "never replaced or deleted)"
+        )
+    if foreign is not None:
+        raise UserError(
+            f"output folder {given} holds files {TOOL} did not write there (e.g. {foreign}): "
+            "pass --overwrite true to replace its earlier results and keep those files, "
+            "or choose another --out"
+        )
+    earlier = manifest.get("command") if manifest else None
+    if command is not None and earlier not in (None, command):
+        raise UserError(
+            f"output folder {given} holds the results of `{TOOL} {earlier}`; pass "
+            f"--overwrite true to replace them with this {command}, or choose another --out"
+        )
+
+
+def _first_foreign(folder: Path, owned: set[str]) -> str | None:
+    """The first file (or link) under ``folder`` that is neither owned nor the manifest."""
+    for root, dirs, files in os.walk(folder):
+        base = Path(root).relative_to(folder)
+        for name in sorted(files) + sorted(d for d in dirs if os.path.islink(Path(root) / d)):
+            rel = (base / name).as_posix()
+            if rel != MANIFEST and rel not in owned:
+                return rel
+        dirs.sort()
+    return None
+
+
+@contextlib.contextmanager
+def output_dir(path: str | os.PathLike[str], command: str) -> Iterator[Path]:
+    """Build an output folder's files beside ``path``, then move them in with a manifest.
+
+    The files are written into a staging folder beside ``path`` (removed on any
+    error, leaving ``path`` as it was). When the block ends cleanly, a new folder is
+    renamed into place whole, manifest included. Into an existing folder the files
+    move one by one, following the manifest (:data:`MANIFEST`): first a manifest
+    marked incomplete that lists the old and new files (so an interrupted move can
+    be finished by a rerun), the old top-level files (``explain.json``,
+    ``report.html``) are removed, the new files move in deepest first so the
+    top-level ones arrive last, the previous run's other files are removed, and a
+    complete manifest of the new files is written last. Files the tool did not list
+    are never replaced or deleted: a new file whose place one of them holds is
+    refused before anything moves. Folders and files follow the umask.
+
+    Commands call :func:`check_output_dir` before their work; only
+    :func:`check_output_location` is repeated here, so a file that appears in the
+    folder during a long run (a file manager's ``.DS_Store``) does not throw the
+    work away: it is simply kept.
+
+    Args:
+        path: The output folder.
+        command: The subcommand, recorded in the manifest.
+
+    Raises:
+        UserError: The folder is refused, cannot be written, or a file the tool did
+            not write stands where a new one goes.
+    """
+    check_output_location(path)
+    given = Path(path)
+    target = given.resolve()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(
             tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
         )
+        os.chmod(stage, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders
     except OSError as exc:
         raise UserError(f"cannot write to {target.parent}: {exc.strerror or exc}") from exc
+    moving = False
     try:
         yield stage
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(stage, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        files = sorted(
+            p.relative_to(stage).as_posix()
+            for p in stage.rglob("*")
+            if p.is_file() or p.is_symlink()
+        )
+        record = {"tool": TOOL, "command": command, "complete": True, "files": files}
+        if not os.path.lexists(target):
+            write_json(stage / MANIFEST, record)
+            try:
+                os.rename(stage, target)
+                return
+            except OSError:  # created meanwhile: move the files in instead
+                (stage / MANIFEST).unlink()
+        moving = True
+        _move_in(stage, target, files, record)
     except OSError as exc:
+        state = f"; {given} is incomplete: run the command again" if moving else ""
+        raise UserError(f"cannot write {given}: {exc.strerror or exc}{state}") from exc
+    finally:
         shutil.rmtree(stage, ignore_errors=True)
-        raise UserError(f"cannot write {target}: {exc.strerror or exc}") from exc
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+
+
+def _move_in(stage: Path, target: Path, files: list[str], record: dict[str, Any]) -> None:
+    """Move staged ``files`` into the existing folder ``target`` (see :func:`output_dir`)."""
+    old = read_manifest(target)
+    owned = set(old["files"]) if old else set()
+    obstacles: set[str] = set()  # owned files where a new file needs a folder
+    clash: list[str] = []
+    for rel in files:
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            sub = "/".join(parts[:i])
+            p = target / sub
+            if not os.path.lexists(p):
+                break
+            if os.path.islink(p) or not p.is_dir():
+                if sub in owned:
+                    obstacles.add(sub)
+                else:
+                    clash.append(sub)
+                break
+        p = target / rel
+        if os.path.lexists(p) and (rel not in owned or (p.is_dir() and not p.is_symlink())):
+            clash.append(rel)
+    if clash:
+        listed = ", ".join(sorted(set(clash))[:5]) + (" ..." if len(set(clash)) > 5 else "")
+        raise UserError(
+            f"cannot write {target}: {listed} there {'is' if len(clash) == 1 else 'are'} not "
+            f"listed in its {MANIFEST} and would be replaced; --overwrite never replaces such "
+            "files: move them away or choose another --out"
+        )
+    new = set(files)
+    write_json(target / MANIFEST, {**record, "complete": False, "files": sorted(owned | new)})
+    for rel in sorted(obstacles | {f for f in owned if "/" not in f}):
+        _remove_owned(target, rel)
+    for rel in sorted(files, key=lambda f: (-f.count("/"), f)):
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(stage / rel, target / rel)
+    for rel in sorted(owned - new):
+        _remove_owned(target, rel)
+    write_json(target / MANIFEST, record)
+
+
+def _remove_owned(target: Path, rel: str) -> None:
+    """Delete a file the manifest lists, never through a link, then its emptied folders."""
+    parts = rel.split("/")
+    for i in range(1, len(parts)):
+        if os.path.islink(target / "/".join(parts[:i])):
+            return
+    p = target / rel
+    if not os.path.lexists(p) or (p.is_dir() and not p.is_symlink()):
+        return
+    p.unlink()
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            (target / "/".join(parts[:i])).rmdir()
+        except OSError:
+            break

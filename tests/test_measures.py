@@ -116,12 +116,25 @@ def test_deletion_insertion_prefers_the_oracle_map() -> None:
     anti = 1.0 - oracle
     res = {
         name: M.deletion_insertion(
-            model, images, sal, torch.ones(n), steps=steps, baseline="zero", batch_size=10
+            model,
+            images,
+            sal,
+            torch.ones(n),
+            steps=steps,
+            deletion_baseline="zero",
+            insertion_baseline="zero",
+            batch_size=10,
         )
         for name, sal in {"oracle": oracle, "anti": anti}.items()
     }
     res["random"] = M.random_deletion_insertion(
-        model, images, 1.0, generator=gen, steps=steps, baseline="zero"
+        model,
+        images,
+        1.0,
+        generator=gen,
+        steps=steps,
+        deletion_baseline="zero",
+        insertion_baseline="zero",
     )
     full = model(images)
     for r in res.values():
@@ -150,22 +163,37 @@ def test_deletion_insertion_sign_batching_and_baselines() -> None:
     sal = torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(2))
     model = QuadrantModel(size).train()
     sign = torch.tensor([1.0, -1.0])
-    big = M.deletion_insertion(model, images, sal, sign, steps=steps, baseline="mean")
+    big = M.deletion_insertion(
+        model, images, sal, sign, steps=steps, deletion_baseline="mean", insertion_baseline="mean"
+    )
     assert model.calls == 1  # 2 images x 2 curves x 4 steps fit in one forward pass
     assert model.training  # eval only for the call
     small = M.deletion_insertion(
-        model, images, sal, sign, steps=steps, baseline="mean", batch_size=3
+        model,
+        images,
+        sal,
+        sign,
+        steps=steps,
+        deletion_baseline="mean",
+        insertion_baseline="mean",
+        batch_size=3,
     )
     for key in ("deletion_logit", "insertion_logit", "deletion_auc"):
         assert torch.allclose(big[key], small[key])
     assert torch.allclose(big["deletion_logit"][:, 0], model(images) * sign)
     assert torch.allclose(big["deletion_prob"], torch.sigmoid(big["deletion_logit"]))
-    blur = M.deletion_insertion(model, images, sal, sign, steps=steps, baseline="blur")
+    blur = M.deletion_insertion(
+        model, images, sal, sign, steps=steps, deletion_baseline="blur", insertion_baseline="blur"
+    )
     assert torch.isfinite(blur["insertion_auc"]).all()
     # all-zero saliency: deterministic raster order, same result twice
     flat = torch.zeros(n, size, size)
-    r1 = M.deletion_insertion(model, images, flat, sign, steps=steps, baseline="zero")
-    r2 = M.deletion_insertion(model, images, flat, sign, steps=steps, baseline="zero")
+    r1 = M.deletion_insertion(
+        model, images, flat, sign, steps=steps, deletion_baseline="zero", insertion_baseline="zero"
+    )
+    r2 = M.deletion_insertion(
+        model, images, flat, sign, steps=steps, deletion_baseline="zero", insertion_baseline="zero"
+    )
     assert torch.equal(r1["deletion_logit"], r2["deletion_logit"])
     with pytest.raises(ValueError, match="upsample"):
         M.deletion_insertion(model, images, torch.zeros(n, 4, 4), sign)

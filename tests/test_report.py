@@ -295,8 +295,9 @@ def test_compare_end_to_end(compared: dict[str, Path]) -> None:
     assert not list((out / "figures").glob("bad_misclassified_*"))
     assert len(page.tables["measures-features"]) == 14  # header + 13 layers
 
-    # A rerun on other checkpoints replaces an existing folder as a whole; a split file
-    # whose test set differs from the bad run's is used, with a warning in the report.
+    # A folder holding a file of the user's is refused; with --overwrite the report is
+    # written into it and the user's file is kept. A split file whose test set differs
+    # from the bad run's is used, with a warning in the report.
     _test(bad, compared["cache"])
     out2 = out.parent / "report2"
     out2.mkdir()
@@ -305,18 +306,21 @@ def test_compare_end_to_end(compared: dict[str, Path]) -> None:
     first_test = next(i for i, line in enumerate(lines) if line.endswith(",test"))
     split = out.parent / "split_minus_one.csv"
     split.write_text("\n".join(lines[:first_test] + lines[first_test + 1 :]) + "\n")
+    args = {
+        "good": str(bad / "checkpoints" / "last.ckpt"),
+        "bad": str(good / "checkpoints" / "last.ckpt"),
+        "out": str(out2),
+        "n_per_class": 2,
+        "show_per_class": 0,
+        "split_file": str(split),
+        "deletion_steps": 2,
+        "device": "cpu",
+    }
+    with pytest.raises(UserError, match="--overwrite"):
+        run_compare(**args)
     with pytest.warns(UserWarning, match="differs"):
-        run_compare(
-            str(bad / "checkpoints" / "last.ckpt"),
-            str(good / "checkpoints" / "last.ckpt"),
-            str(out2),
-            n_per_class=2,
-            show_per_class=0,
-            split_file=str(split),
-            deletion_steps=2,
-            device="cpu",
-        )
-    assert not (out2 / "stale.txt").exists()
+        run_compare(**args, overwrite=True)
+    assert (out2 / "stale.txt").read_text() == "from an earlier run"
     page = _check_report(out2, {"good": bad, "bad": good})
     assert "differs from the one in" in " ".join(page.text)
     m = json.loads((out2 / "measures.json").read_text())

@@ -47,3 +47,22 @@ def test_ranks_split_the_same_global_batch() -> None:
 def test_no_shuffle_full_pass_is_file_order() -> None:
     s = KerasBatchSampler(n=7, batch_size=3, steps=None, shuffle=False)
     assert [[i for i, _ in b] for b in batches(s, 0)] == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_stop_ends_the_stream_after_one_pass_like_tf_keras_2() -> None:
+    """The seed's control: 6 images, batch 20, 80 steps: tf.keras 2.x trained one step."""
+    s = KerasBatchSampler(n=6, batch_size=20, steps=80, seed=0, exhausted="stop")
+    assert len(s) == 1 and s.is_exhausted()  # epoch 0 uses up the one pass
+    e0 = batches(s, 0)
+    assert len(e0) == 1 and sorted(i for i, _ in e0[0]) == list(range(6))
+    assert s.is_exhausted()
+    assert batches(s, 1) == [] and len(s) == 0
+
+
+def test_stop_cuts_the_epoch_where_the_pass_ends() -> None:
+    s = KerasBatchSampler(n=10, batch_size=4, steps=2, seed=3, exhausted="stop")
+    r = KerasBatchSampler(n=10, batch_size=4, steps=2, seed=3)
+    assert batches(s, 0) == batches(r, 0) and not s.is_exhausted()
+    # the pass holds 3 batches: epoch 1 gets its first (position 2) only
+    assert batches(s, 1) == batches(r, 1)[:1] and s.is_exhausted()
+    assert not r.is_exhausted()

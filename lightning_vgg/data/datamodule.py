@@ -11,6 +11,14 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_vgg.checks import (
+    ClosedUnitInterval,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    check_ranges,
+)
 from lightning_vgg.data.augment import AugmentConfig, warp_batch, warp_theta
 from lightning_vgg.data.dataset import (
     AugmentBackend,
@@ -19,8 +27,14 @@ from lightning_vgg.data.dataset import (
     collate_skip_broken,
     draw_params,
 )
-from lightning_vgg.data.sampler import KerasBatchSampler
-from lightning_vgg.data.sources import DEFAULT_URL, index_source
+from lightning_vgg.data.preprocess import Preprocess
+from lightning_vgg.data.sampler import Exhausted, KerasBatchSampler
+from lightning_vgg.data.sources import (
+    DEFAULT_URL,
+    MAX_DOWNLOAD_MB,
+    MAX_EXTRACT_MB,
+    index_source,
+)
 from lightning_vgg.data.split import make_split, read_split_csv, write_split_csv
 from lightning_vgg.errors import UserError
 
@@ -66,6 +80,19 @@ class CatsDogsDataModule(pl.LightningDataModule):
         scan_workers: Processes for the one-off decode scan of the source.
         gpu_decode: Ship raw JPEG bytes and decode whole batches on the training
             device (nvJPEG on CUDA); pair with ``augment_backend: gpu``.
+        max_missing_fraction: ``validate``, ``test`` and ``predict`` stop with an
+            error, writing nothing, when more than this share of their images cannot
+            be read (or when none can); unreadable images are skipped with a warning.
+        sha256: The archive's expected sha256 (a downloaded or local zip); a
+            mismatch is refused before anything is extracted. Without it, an https
+            download is checked only for being a whole zip, with a warning.
+        max_download_mb: Refuse a download larger than this (MiB).
+        max_extract_mb: Refuse an archive that unpacks to more than this (MiB).
+        exhausted: When ``train_steps_per_epoch`` batches are more than the training
+            split holds: ``repeat`` walks on into the next shuffled pass (Keras 3);
+            ``stop`` ends training once one pass is used up, as tf.keras 2.x did
+            ("Your input ran out of data; interrupting training"). The seed's
+            control ran under tf.keras 2.x and so trained a single step.
     """
 
     def __init__(
@@ -75,28 +102,35 @@ class CatsDogsDataModule(pl.LightningDataModule):
         split_sizes: Sequence[int | float] = (17000, 4000, 4000),
         split_file: str | None = None,
         seed: int = 42,
-        image_size: int = 224,
-        batch_size: int = 20,
-        eval_batch_size: int | None = None,
-        train_steps_per_epoch: int | None = 80,
-        val_steps_per_epoch: int | None = 20,
-        rotation_range: float = 40.0,
-        shear_range: float = 0.2,
-        zoom_range: float = 0.2,
+        image_size: PositiveInt = 224,
+        batch_size: PositiveInt = 20,
+        eval_batch_size: PositiveInt | None = None,
+        train_steps_per_epoch: PositiveInt | None = 80,
+        val_steps_per_epoch: PositiveInt | None = 20,
+        rotation_range: NonNegativeFloat = 40.0,
+        shear_range: NonNegativeFloat = 0.2,
+        zoom_range: NonNegativeFloat = 0.2,
         horizontal_flip: bool = True,
-        rescale: float = 1.0 / 255.0,
+        rescale: PositiveFloat = 1.0 / 255.0,
         augment_backend: AugmentBackend = "keras",
         resize: Literal["nearest", "bilinear", "antialias"] = "nearest",
-        subset_per_class: int | None = None,
+        subset_per_class: PositiveInt | None = None,
         flip_labels: bool = False,
-        num_workers: int = 2,
+        num_workers: NonNegativeInt = 2,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
-        prefetch_factor: int | None = None,
-        scan_workers: int = 2,
+        prefetch_factor: PositiveInt | None = None,
+        scan_workers: NonNegativeInt = 2,
         gpu_decode: bool = False,
+        max_missing_fraction: ClosedUnitInterval = 0.01,
+        sha256: str | None = None,
+        max_download_mb: PositiveFloat = MAX_DOWNLOAD_MB,
+        max_extract_mb: PositiveFloat = MAX_EXTRACT_MB,
+        exhausted: Exhausted = "repeat",
     ) -> None:
         super().__init__()
+        # the CLI checks these while parsing; a direct Python call gets the same message
+        check_ranges("data", CatsDogsDataModule.__init__, locals())
         self.save_hyperparameters()
         if len(split_sizes) != 3:
             raise UserError(
@@ -117,15 +151,24 @@ class CatsDogsDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         """Download/extract and scan once (rank 0); later calls hit the cache."""
         if self.hparams.split_file is None:
-            index_source(
-                self.hparams.source, self.hparams.cache_dir, workers=self.hparams.scan_workers
-            )
+            self._index()
+
+    def _index(self) -> tuple[Path, list[tuple[str, int]]]:
+        hp = self.hparams
+        return index_source(
+            hp.source,
+            hp.cache_dir,
+            workers=hp.scan_workers,
+            sha256=hp.sha256,
+            max_download_mb=hp.max_download_mb,
+            max_extract_mb=hp.max_extract_mb,
+        )
 
     def _make_rows(self) -> list[Row]:
         hp = self.hparams
         if hp.split_file is not None:
             return read_split_csv(hp.split_file)
-        root, items = index_source(hp.source, hp.cache_dir, workers=hp.scan_workers)
+        root, items = self._index()
         self.root = root
         rows = make_split(items, tuple(hp.split_sizes), seed=hp.seed)
         return [(str((root / p).resolve()), label, split) for p, label, split in rows]
@@ -138,8 +181,32 @@ class CatsDogsDataModule(pl.LightningDataModule):
             self._check_world_size(self.trainer.world_size)
             # ``log_dir`` broadcasts rank 0's directory under DDP, so every rank must ask
             log_dir = self.trainer.log_dir
-            if log_dir is not None and self.trainer.is_global_zero:
-                write_split_csv(Path(log_dir) / "split.csv", self.rows)
+            if log_dir is not None:
+                self._keep_split_file(Path(log_dir) / "split.csv")
+
+    def _keep_split_file(self, path: Path) -> None:
+        """Write the run's ``split.csv``, or check a resumed run's against this split.
+
+        A run's split is fixed at its first fit: ``test`` reads that file, so a
+        resume that would rewrite it with another split (other seed, other source)
+        would let the model be scored on images it trained on. The verdict is
+        broadcast so that every DDP rank stops together.
+        """
+        trainer = self.trainer
+        assert trainer is not None and self.rows is not None
+        problem = ""
+        if trainer.is_global_zero:
+            if not path.is_file():
+                write_split_csv(path, self.rows)
+            elif read_split_csv(path) != self.rows:
+                problem = (
+                    f"the run's {path} holds another split than these data settings give; "
+                    "resume with the run's data settings (or --data.split_file "
+                    f"{path}), or start a new run"
+                )
+        problem = trainer.strategy.broadcast(problem)
+        if problem:
+            raise UserError(problem)
 
     def _check_world_size(self, world: int) -> None:
         bs = self.hparams.batch_size
@@ -201,7 +268,8 @@ class CatsDogsDataModule(pl.LightningDataModule):
             world, rank = self.trainer.world_size, self.trainer.global_rank
         if split == "train":
             self._check_world_size(world)
-        bs = hp.batch_size if split == "train" else (hp.eval_batch_size or hp.batch_size)
+        eval_bs = hp.batch_size if hp.eval_batch_size is None else hp.eval_batch_size
+        bs = hp.batch_size if split == "train" else eval_bs
         steps = {"train": hp.train_steps_per_epoch, "val": hp.val_steps_per_epoch}.get(split)
         sampler = KerasBatchSampler(
             len(ds),
@@ -211,7 +279,10 @@ class CatsDogsDataModule(pl.LightningDataModule):
             seed=hp.seed + SPLITS.index(split),
             num_replicas=world,
             rank=rank,
+            exhausted=hp.exhausted if split == "train" else "repeat",
         )
+        if split == "train":
+            self._train_sampler = sampler
         workers = hp.num_workers
         pin = torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory
         return DataLoader(
@@ -227,6 +298,11 @@ class CatsDogsDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Augmented, shuffled, ``train_steps_per_epoch`` batches per epoch."""
         return self._loader("train")
+
+    def train_stream_exhausted(self) -> bool:
+        """True once this epoch used up a ``data.exhausted: stop`` training stream."""
+        sampler = getattr(self, "_train_sampler", None)
+        return sampler is not None and sampler.is_exhausted()
 
     def val_dataloader(self) -> DataLoader:
         """Rescale-only, ``val_steps_per_epoch`` batches from a shuffled stream."""
@@ -308,9 +384,12 @@ class CatsDogsDataModule(pl.LightningDataModule):
         x, _, paths = self.probe_from_paths([r[0] for r in picked])
         return x, torch.tensor([r[1] for r in picked]), paths
 
-    def probe_from_paths(self, paths: Sequence[str]) -> tuple[torch.Tensor, None, list[str]]:
-        """Images loaded exactly as for evaluation (resize, rescale), as one batch."""
+    def preprocess(self) -> Preprocess:
+        """How this data module turns a file into an evaluation input (see
+        :class:`~lightning_vgg.data.preprocess.Preprocess`)."""
         hp = self.hparams
-        ds = ImageFiles(list(paths), [0] * len(paths), hp.image_size, resize=hp.resize)
-        xs = torch.stack([ds.load(i) for i in range(len(ds))]).float() * hp.rescale
-        return xs, None, list(paths)
+        return Preprocess(int(hp.image_size), hp.resize, float(hp.rescale), hp.augment_backend)
+
+    def probe_from_paths(self, paths: Sequence[str]) -> tuple[torch.Tensor, None, list[str]]:
+        """Images loaded exactly as for evaluation (decoder, resize, rescale), as one batch."""
+        return self.preprocess().load_batch(list(paths)), None, list(paths)

@@ -6,7 +6,7 @@ import functools
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import cv2
 import numpy as np
@@ -123,6 +123,82 @@ def resize_nearest_array(arr: np.ndarray, size: int) -> np.ndarray:
     return cv2.remap(arr, mx, my, cv2.INTER_NEAREST)
 
 
+ResizeMode = Literal["nearest", "bilinear", "antialias"]
+
+
+def resize_pil(img: Any, size: int, resize: ResizeMode = "nearest") -> Any:
+    """Resize a PIL image to ``size x size``: PIL ``NEAREST`` as Keras, ``BILINEAR`` or
+    ``LANCZOS`` (``antialias``); an image already that size is returned as it is."""
+    from PIL import Image
+
+    if img.size == (size, size):
+        return img
+    if resize == "nearest":
+        return resize_nearest_pil(img, size)
+    resample = Image.BILINEAR if resize == "bilinear" else Image.LANCZOS
+    return img.resize((size, size), resample=resample, reducing_gap=None)
+
+
+def _load_fast(
+    path: str, size: int, resize: ResizeMode, params: AffineParams | None
+) -> tuple[np.ndarray, bool]:
+    """The ``fast`` backend in OpenCV: ``(contiguous S x S x 3 uint8, True)``, or
+    ``(decoded image, False)`` for the one case it leaves to PIL's resize (a
+    downscaling eval resize: PIL's bilinear and Lanczos antialias, OpenCV's
+    ``INTER_LINEAR`` does not)."""
+    arr = decode_rgb_array(path)
+    h, w = arr.shape[:2]
+    if params is not None:
+        if resize == "nearest":  # Keras: PIL nearest resize, then the warp
+            arr = resize_nearest_array(arr, size)
+        # else one bilinear warp straight from the source (fuses resize and warp).
+        # Four channels: OpenCV's bilinear warpAffine is vectorised for 4, not 3.
+        rgba = warp_cv2(cv2.cvtColor(arr, cv2.COLOR_RGB2RGBA), params, size)
+        return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB), True
+    if (h, w) == (size, size):
+        return np.ascontiguousarray(arr), True
+    if resize == "nearest":
+        return resize_nearest_array(arr, size), True
+    if resize == "bilinear" and h <= size and w <= size:
+        # upscaling: PIL's bilinear is the plain triangle filter (<= 1 level apart)
+        return cv2.resize(arr, (size, size), interpolation=cv2.INTER_LINEAR), True
+    return arr, False
+
+
+def load_eval_image(
+    path: str | Path, size: int, resize: ResizeMode = "nearest", backend: AugmentBackend = "keras"
+) -> torch.Tensor:
+    """One image file as the model's evaluation input, before rescaling: decode and resize.
+
+    The single definition of "what the model sees" outside training: the val/test/
+    predict datasets (:class:`ImageFiles` without augmentation) and
+    :class:`~lightning_vgg.data.preprocess.Preprocess` (``explain``, ``compare``, the
+    probe images of the visualisation callbacks, the misclassification gallery) all
+    call it, so they cannot drift apart. The ``fast`` backend decodes and resizes
+    with OpenCV where that is PIL-exact (nearest, bilinear upscaling within one
+    level); every other case uses PIL (:func:`~lightning_vgg.data.decode.load_rgb`,
+    :func:`resize_pil`).
+
+    Returns:
+        ``(3, S, S)`` uint8; on the ``fast`` backend a view of HWC memory.
+
+    Raises:
+        ImageDecodeError: The file cannot be decoded.
+    """
+    path = str(path)
+    if backend == "fast":
+        arr, done = _load_fast(path, size, resize, None)
+        if done:
+            return torch.from_numpy(arr).permute(2, 0, 1)
+        from PIL import Image
+
+        img = Image.fromarray(arr)
+    else:
+        img = load_rgb(path)
+    img = resize_pil(img, size, resize)
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
 def draw_params(cfg: AugmentConfig, seed: int, key: int) -> AffineParams:
     """Augmentation parameters as a pure function of (seed, draw key).
 
@@ -162,7 +238,7 @@ class ImageFiles(Dataset[Sample | None]):
         augment: bool = False,
         cfg: AugmentConfig | None = None,
         backend: AugmentBackend = "keras",
-        resize: Literal["nearest", "bilinear", "antialias"] = "nearest",
+        resize: ResizeMode = "nearest",
         seed: int = 0,
         encoded: bool = False,
     ) -> None:
@@ -181,19 +257,11 @@ class ImageFiles(Dataset[Sample | None]):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _resize(self, img):
-        from PIL import Image
-
-        s = self.image_size
-        if img.size == (s, s):
-            return img
-        if self.resize == "nearest":
-            return resize_nearest_pil(img, s)
-        resample = Image.BILINEAR if self.resize == "bilinear" else Image.LANCZOS
-        return img.resize((s, s), resample=resample, reducing_gap=None)
-
     def load(self, index: int, key: int | None = None) -> torch.Tensor:
         """Decode, resize and (if training on CPU) augment one image.
+
+        Without augmentation this is :func:`load_eval_image`, the one function that
+        evaluation, ``predict``, the probes and ``explain`` all go through.
 
         Returns:
             ``(3, S, S)`` uint8; on the ``fast`` backend a view of HWC memory, which
@@ -203,48 +271,17 @@ class ImageFiles(Dataset[Sample | None]):
             ImageDecodeError: The file can no longer be decoded.
         """
         cpu_aug = self.augment and self.backend != "gpu"
-        params = (
-            draw_params(self.cfg, self.seed, index if key is None else key) if cpu_aug else None
-        )
+        if not cpu_aug:
+            return load_eval_image(self.paths[index], self.image_size, self.resize, self.backend)
+        params = draw_params(self.cfg, self.seed, index if key is None else key)
         if self.backend == "fast":
-            arr, done = self._load_fast(index, params)
-            if done:
-                return torch.from_numpy(arr).permute(2, 0, 1)
-            from PIL import Image
-
-            img = Image.fromarray(arr)
-        else:
-            img = load_rgb(self.paths[index])
-        img = self._resize(img)
+            return torch.from_numpy(
+                _load_fast(self.paths[index], self.image_size, self.resize, params)[0]
+            ).permute(2, 0, 1)
+        img = resize_pil(load_rgb(self.paths[index]), self.image_size, self.resize)
         chw = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-        if params is None:
-            return chw
         # Keras warps in float32 and never rounds; keep that for the exact path.
         return warp_batch(chw[None].float(), [params])[0]
-
-    def _load_fast(self, index: int, params: AffineParams | None) -> tuple[np.ndarray, bool]:
-        """The ``fast`` backend in OpenCV: ``(contiguous S x S x 3 uint8, True)``, or
-        ``(decoded image, False)`` for the one case it leaves to PIL's resize (a
-        downscaling eval resize: PIL's bilinear and Lanczos antialias, OpenCV's
-        ``INTER_LINEAR`` does not)."""
-        s = self.image_size
-        arr = decode_rgb_array(self.paths[index])
-        h, w = arr.shape[:2]
-        if params is not None:
-            if self.resize == "nearest":  # Keras: PIL nearest resize, then the warp
-                arr = resize_nearest_array(arr, s)
-            # else one bilinear warp straight from the source (fuses resize and warp).
-            # Four channels: OpenCV's bilinear warpAffine is vectorised for 4, not 3.
-            rgba = warp_cv2(cv2.cvtColor(arr, cv2.COLOR_RGB2RGBA), params, s)
-            return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB), True
-        if (h, w) == (s, s):
-            return np.ascontiguousarray(arr), True
-        if self.resize == "nearest":
-            return resize_nearest_array(arr, s), True
-        if self.resize == "bilinear" and h <= s and w <= s:
-            # upscaling: PIL's bilinear is the plain triangle filter (<= 1 level apart)
-            return cv2.resize(arr, (s, s), interpolation=cv2.INTER_LINEAR), True
-        return arr, False
 
     def __getitem__(self, item: int | tuple[int, int]) -> Sample | None:
         index, key = item if isinstance(item, tuple) else (item, item)

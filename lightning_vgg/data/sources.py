@@ -15,11 +15,12 @@ import json
 import os
 import re
 import shutil
-import socket
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.parse
+import urllib.request
 import warnings
 import zipfile
 import zlib
@@ -28,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Any
 
 import PIL
 from tqdm import tqdm
@@ -47,6 +49,20 @@ CLASS_NAMES = ("cat", "dog")  # index = label, as in the Keras experiment
 DOWNLOAD_RETRIES = 3
 RETRY_DELAY_S = 2.0
 SOCKET_TIMEOUT_S = 60.0
+_CHUNK_BYTES = 1 << 20
+
+#: Size caps (MiB) on a download and on what an archive unpacks to: the official
+#: archive is 787 MiB and unpacks to about the same; a zip bomb is refused before
+#: it fills the disk. ``data.max_download_mb`` / ``data.max_extract_mb`` change them.
+MAX_DOWNLOAD_MB = 2048
+MAX_EXTRACT_MB = 8192
+MAX_ARCHIVE_MEMBERS = 200_000
+
+#: sha256 digests of archives we have verified ourselves, by URL. A download whose
+#: URL is listed (or whose ``data.sha256`` is given) must match, else it is refused.
+#: The official archive's digest is not listed yet: it could not be fetched and
+#: checked from the machines this project is developed on (see the README).
+KNOWN_SHA256: dict[str, str] = {}
 
 MAX_DEPTH = 3  # folders this far below the root are searched for a layout
 _CLASS_DIRS = {"cat": 0, "cats": 0, "dog": 1, "dogs": 1}
@@ -92,6 +108,9 @@ def resolve_source(
     source: str | os.PathLike[str],
     cache_dir: str | os.PathLike[str] | None = None,
     md5: str | None = None,
+    sha256: str | None = None,
+    max_download_mb: float = MAX_DOWNLOAD_MB,
+    max_extract_mb: float = MAX_EXTRACT_MB,
 ) -> Path:
     """Make any accepted data source available as a local directory.
 
@@ -101,7 +120,11 @@ def resolve_source(
     Args:
         source: A directory, a ``.zip`` file, or an http(s) URL of a zip.
         cache_dir: Where downloads and extractions go; ``default_cache_dir()`` if None.
-        md5: Expected checksum of a downloaded file; not checked if None.
+        md5: Expected md5 of a downloaded file; not checked if None.
+        sha256: Expected sha256 of the archive (downloaded or local zip). Without
+            it, a URL listed in ``KNOWN_SHA256`` is checked against its pinned digest.
+        max_download_mb: Refuse a download larger than this.
+        max_extract_mb: Refuse an archive that unpacks to more than this.
 
     Returns:
         The root directory to search for images.
@@ -113,8 +136,11 @@ def resolve_source(
     text = os.fspath(source)
     cache = _cache_root(cache_dir)
     scheme = urllib.parse.urlsplit(text).scheme.lower() if "://" in text else ""
+    digest = _normalise_sha256(sha256)
     if scheme in ("http", "https"):
-        return _extract_zip(_download(text, cache / "downloads", md5), cache / "extracted")
+        digest = digest or KNOWN_SHA256.get(text)
+        archive = _download(text, cache / "downloads", md5, digest, max_download_mb)
+        return _extract_zip(archive, cache / "extracted", max_extract_mb)
     if scheme:
         raise UserError(f"unsupported data source {text}: {_KINDS}")
     path = Path(text).expanduser()
@@ -123,8 +149,25 @@ def resolve_source(
     if path.is_dir():
         return _checked_dir(path.resolve())
     if path.suffix.lower() == ".zip":
-        return _extract_zip(path.resolve(), cache / "extracted")
+        return _extract_zip(path.resolve(), cache / "extracted", max_extract_mb, digest)
     raise UserError(f"unsupported data source {path}: {_KINDS}")
+
+
+def _normalise_sha256(value: str | None) -> str | None:
+    if value is None:
+        return None
+    digest = value.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise UserError(f"data.sha256 must be 64 hexadecimal digits, got {value!r}")
+    return digest
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _checked_dir(path: Path) -> Path:
@@ -140,26 +183,11 @@ def _checked_dir(path: Path) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def _socket_timeout(seconds: float) -> Iterator[None]:
-    """Bound each network wait: torchvision's urlopen calls pass no timeout of their own."""
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-def _download_reason(exc: BaseException | None, md5: str | None) -> str:
+def _download_reason(exc: BaseException | None) -> str:
     if isinstance(exc, urllib.error.HTTPError):
         return f"HTTP {exc.code} {exc.reason}"
     if isinstance(exc, urllib.error.URLError):
         return str(exc.reason)
-    if isinstance(exc, RuntimeError) and md5:
-        return f"the file's md5 is not {md5}"
-    if isinstance(exc, _IncompleteDownload):
-        return str(exc)
     return str(exc) or type(exc).__name__
 
 
@@ -167,74 +195,153 @@ class _IncompleteDownload(Exception):
     """The transfer ended early: the connection dropped and the body was cut short."""
 
 
-def _is_whole_zip(path: Path) -> bool:
-    """A zip's directory is at its very end, so a cut-short download never passes.
+class _RefusedDownload(Exception):
+    """A download that retrying cannot fix: too large, not a zip, wrong digest, downgraded."""
 
-    urllib does not report a body that ends before its ``Content-Length`` when read
-    in chunks (as torchvision does), and without an md5 nothing else would notice.
+
+class _NoDowngrade(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, but never from https to plain http.
+
+    torchvision's ``download_url`` retried a failed https download over plain http,
+    where anyone on the path can swap the archive; urllib's own redirect handling
+    would follow an https -> http redirect the same way.
     """
+
+    def redirect_request(
+        self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> Any:
+        if req.full_url.lower().startswith("https:") and not newurl.lower().startswith("https:"):
+            raise _RefusedDownload(f"the server redirected from https to {newurl}; refused")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _is_whole_zip(path: Path) -> bool:
+    """A zip's directory is at its very end, so a cut-short download never passes."""
     try:
         return zipfile.is_zipfile(path)
     except OSError:
         return False
 
 
-def _download(url: str, downloads: Path, md5: str | None) -> Path:
+def _fetch(url: str, partial: Path, max_bytes: int) -> tuple[str, str]:
+    """Stream ``url`` into ``partial`` within ``max_bytes``; return its (sha256, md5)."""
+    opener = urllib.request.build_opener(_NoDowngrade())
+    request = urllib.request.Request(url, headers={"User-Agent": "lightning-vgg"})
+    sha, md5 = hashlib.sha256(), hashlib.md5()
+    total = 0
+    with opener.open(request, timeout=SOCKET_TIMEOUT_S) as response:
+        announced = response.headers.get("Content-Length")
+        if announced is not None and int(announced) > max_bytes:
+            raise _RefusedDownload(
+                f"the server announces {int(announced) / 2**20:.0f} MiB, over the "
+                f"{max_bytes / 2**20:.0f} MiB cap (data.max_download_mb)"
+            )
+        with partial.open("wb") as handle:
+            while chunk := response.read(_CHUNK_BYTES):
+                if total == 0 and not chunk.startswith(b"PK"):
+                    raise _RefusedDownload(
+                        f"the response is not a zip archive (it starts with {chunk[:16]!r})"
+                    )
+                total += len(chunk)
+                if total > max_bytes:
+                    raise _RefusedDownload(
+                        f"the download passed the {max_bytes / 2**20:.0f} MiB cap "
+                        "(data.max_download_mb)"
+                    )
+                sha.update(chunk)
+                md5.update(chunk)
+                handle.write(chunk)
+    if announced is not None and total != int(announced):
+        raise _IncompleteDownload(f"the download ended early ({total} of {announced} bytes)")
+    if not _is_whole_zip(partial):
+        raise _IncompleteDownload(
+            f"the download ended early or is not a zip archive ({total} bytes)"
+        )
+    return sha.hexdigest(), md5.hexdigest()
+
+
+def _download(
+    url: str, downloads: Path, md5: str | None, sha256: str | None, max_mb: float
+) -> Path:
     """Download ``url`` once into the cache, retrying transient failures.
 
-    The file is fetched under a ``.part`` name and renamed when complete, because
-    torchvision trusts any existing file when no md5 is given: an interrupted
-    download must never be mistaken for a finished one.
+    The file is fetched under a ``.part`` name and renamed when complete and
+    verified, so an interrupted or refused download is never mistaken for a
+    finished one. https never falls back to http; a plain ``http://`` URL is
+    fetched only because the user named it, with a warning.
     """
-    # Imported here so the scan's worker processes, which import this module's
-    # package, do not pay for torch.
-    from torchvision.datasets.utils import check_integrity, download_url
-
+    if url.lower().startswith("http:"):
+        warnings.warn(
+            f"{url} is plain http: anyone on the network path can alter the archive; "
+            "use https, or pin its digest with data.sha256",
+            UserWarning,
+            stacklevel=3,
+        )
+    elif sha256 is None:
+        warnings.warn(
+            f"no sha256 is pinned for {url}; it is checked only as a whole zip. Pin it "
+            "with data.sha256 (the digest is printed once the download completes)",
+            UserWarning,
+            stacklevel=3,
+        )
     name = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name or "download"
     if not name.lower().endswith(".zip"):
         name += ".zip"
     folder = downloads / _short_hash(url)  # same file name from two URLs must not collide
     target = folder / name
-    # A cut-short file cached by an older version is not trusted either.
-    if target.is_file() and check_integrity(os.fspath(target), md5) and _is_whole_zip(target):
+    if target.is_file() and _is_whole_zip(target) and _cached_matches(target, md5, sha256):
         return target
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create download folder {folder}: {exc.strerror or exc}") from exc
     partial = folder / f".{name}.part"
+    max_bytes = int(max_mb * 2**20)
     error: BaseException | None = None
-    for attempt in range(DOWNLOAD_RETRIES + 1):
-        if attempt:
-            time.sleep(RETRY_DELAY_S * 2 ** (attempt - 1))
-        partial.unlink(missing_ok=True)
-        try:
-            with _socket_timeout(SOCKET_TIMEOUT_S):
-                download_url(url, os.fspath(folder), filename=partial.name, md5=md5)
-            if not _is_whole_zip(partial):
-                raise _IncompleteDownload(
-                    f"the download ended early or is not a zip archive ({partial.stat().st_size} bytes)"
-                )
-        except urllib.error.HTTPError as exc:
-            error = exc
-            if 400 <= exc.code < 500:
-                break  # a wrong URL stays wrong
-        except (
-            OSError,
-            RuntimeError,
-            ValueError,
-            http.client.HTTPException,
-            _IncompleteDownload,
-        ) as exc:
-            error = exc
-        else:
+    try:
+        for attempt in range(DOWNLOAD_RETRIES + 1):
+            if attempt:
+                time.sleep(RETRY_DELAY_S * 2 ** (attempt - 1))
+            partial.unlink(missing_ok=True)
+            try:
+                got_sha, got_md5 = _fetch(url, partial, max_bytes)
+            except urllib.error.HTTPError as exc:
+                error = exc
+                if 400 <= exc.code < 500:
+                    break  # a wrong URL stays wrong
+                continue
+            except (OSError, ValueError, http.client.HTTPException, _IncompleteDownload) as exc:
+                error = exc
+                continue
+            if sha256 is not None and got_sha != sha256:
+                raise _RefusedDownload(f"its sha256 is {got_sha}, not the pinned {sha256}")
+            if md5 is not None and got_md5 != md5:
+                error = _RefusedDownload(f"the file's md5 is not {md5}")
+                continue  # a corrupted transfer: try again
             os.replace(partial, target)
+            if sha256 is None:
+                print(f"downloaded {url}: sha256 {got_sha}", file=sys.stderr)
             return target
-    partial.unlink(missing_ok=True)
+    except _RefusedDownload as exc:
+        error = exc
+    finally:
+        partial.unlink(missing_ok=True)
     raise UserError(
-        f"could not download {url}: {_download_reason(error, md5)}; "
+        f"could not download {url}: {_download_reason(error)}; "
         "pass a local directory or zip with --data.source instead"
     )
+
+
+def _cached_matches(path: Path, md5: str | None, sha256: str | None) -> bool:
+    if sha256 is not None and _file_sha256(path) != sha256:
+        return False
+    if md5 is not None:
+        h = hashlib.md5()
+        with path.open("rb") as handle:
+            while chunk := handle.read(_CHUNK_BYTES):
+                h.update(chunk)
+        return h.hexdigest() == md5
+    return True
 
 
 def _remove_stale_partials(extracted: Path, name: str) -> None:
@@ -245,7 +352,28 @@ def _remove_stale_partials(extracted: Path, name: str) -> None:
                 shutil.rmtree(partial, ignore_errors=True)
 
 
-def _extract_zip(zip_path: Path, extracted: Path) -> Path:
+def _check_archive_size(archive: zipfile.ZipFile, zip_path: Path, max_mb: float) -> None:
+    """Refuse a zip bomb before writing: the members' declared sizes bound the output.
+
+    zipfile stops every member at its declared size (and checks its CRC), so the
+    sum of declared sizes is what extraction can write at most.
+    """
+    members = archive.infolist()
+    if len(members) > MAX_ARCHIVE_MEMBERS:
+        raise UserError(
+            f"{zip_path} holds {len(members):,} entries, over the {MAX_ARCHIVE_MEMBERS:,} accepted"
+        )
+    total = sum(m.file_size for m in members)
+    if total > max_mb * 2**20:
+        raise UserError(
+            f"{zip_path} unpacks to {total / 2**20:,.0f} MiB, over the {max_mb:,.0f} MiB cap "
+            "(data.max_extract_mb); raise the cap if the archive is genuine"
+        )
+
+
+def _extract_zip(
+    zip_path: Path, extracted: Path, max_mb: float = MAX_EXTRACT_MB, sha256: str | None = None
+) -> Path:
     """Extract a zip once into the cache; reuse it while the zip is unchanged.
 
     The folder name hashes the zip's path, size and mtime, so an edited or replaced
@@ -263,6 +391,13 @@ def _extract_zip(zip_path: Path, extracted: Path) -> Path:
         return dest
     if not zipfile.is_zipfile(zip_path):
         raise UserError(f"not a valid zip archive: {zip_path}")
+    if sha256 is not None and (got := _file_sha256(zip_path)) != sha256:
+        raise UserError(f"{zip_path} has sha256 {got}, not the pinned {sha256} (data.sha256)")
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            _check_archive_size(archive, zip_path, max_mb)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise UserError(f"not a valid zip archive: {zip_path} ({exc})") from exc
     try:
         extracted.mkdir(parents=True, exist_ok=True)
         if dest.exists():
@@ -329,6 +464,14 @@ def _require_both_classes(items: Sequence[tuple[str, int]], root: Path, when: st
     raise UserError(f"only one class found ({found} images){when} in {root}")
 
 
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def find_images(root: str | os.PathLike[str]) -> list[tuple[str, int]]:
     """Find every labelled image under ``root``, whichever common layout it uses.
 
@@ -337,6 +480,7 @@ def find_images(root: str | os.PathLike[str]) -> list[tuple[str, int]]:
     recognised up to a few levels down and everything labelled is collected; the
     train/val/test split is made later from the union. Only files with an image
     suffix are candidates: ``Thumbs.db`` and friends are not errors, just not images.
+    Files whose names are not valid UTF-8 are left out, with one warning naming them.
 
     Args:
         root: The folder from ``resolve_source``.
@@ -369,6 +513,21 @@ def find_images(root: str | os.PathLike[str]) -> list[tuple[str, int]]:
             elif _is_image_name(entry.name) and (match := _KAGGLE_NAME.match(entry.name)):
                 label = CLASS_NAMES.index(match.group(1).lower())
                 found.setdefault(Path(os.path.relpath(entry.path, root)).as_posix(), label)
+    # A name that is not valid UTF-8 (Python keeps its bytes as surrogates) cannot be
+    # written to split.csv or the scan cache: leave such files out, with one warning.
+    undecodable = [p for p in found if not _is_utf8(p)]
+    if undecodable:
+        for p in undecodable:
+            del found[p]
+        more = len(undecodable) - _LIST_LIMIT
+        names = ", ".join(repr(os.fsencode(p)) for p in undecodable[:_LIST_LIMIT])
+        warnings.warn(
+            f"skipping {len(undecodable)} file(s) under {root} whose names are not valid "
+            f"UTF-8 (rename them to use them): {names}"
+            + (f", ... and {more} more" if more > 0 else ""),
+            UnreadableImagesWarning,
+            stacklevel=2,
+        )
     if not found:
         raise UserError(
             f"no labelled images found in {root}; accepted layouts: {_LAYOUTS}; "
@@ -521,6 +680,9 @@ def index_source(
     workers: int = 2,
     md5: str | None = None,
     progress: bool = True,
+    sha256: str | None = None,
+    max_download_mb: float = MAX_DOWNLOAD_MB,
+    max_extract_mb: float = MAX_EXTRACT_MB,
 ) -> tuple[Path, list[tuple[str, int]]]:
     """Resolve, find and scan in one call: what the datamodule needs from a source.
 
@@ -531,7 +693,7 @@ def index_source(
         UserError: From any step, or if decoding left a class with no images.
     """
     cache = _cache_root(cache_dir)
-    root = resolve_source(source, cache, md5)
+    root = resolve_source(source, cache, md5, sha256, max_download_mb, max_extract_mb)
     good, _ = scan_images(root, find_images(root), cache, workers, progress)
     _require_both_classes(good, root, " after skipping unreadable files")
     return root, good

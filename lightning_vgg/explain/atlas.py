@@ -29,18 +29,24 @@ from lightning_vgg.models.vgg import VGG16, conv_units, keras_conv_names
 
 Stage = Literal["post", "pre", "conv"]
 TargetSpec = Literal["pred", "dog", "cat"] | Tensor
+#: What Grad-CAM differentiates: ``logit`` (``+logit`` for dog, ``-logit`` for cat, our
+#: default) or ``probability`` (``P(dog)`` and ``P(cat) = 1 - P(dog)``, the seed's).
+Score = Literal["logit", "probability"]
+SCORES: tuple[str, ...] = ("logit", "probability")
 
 __all__ = [
     "Atlas",
     "activations",
     "captum_gradcam",
     "capture_layers",
+    "check_score",
     "compute_atlas",
     "eval_mode",
     "layer_units",
     "normalize_per_map",
     "normalize_shared",
     "resolve_target",
+    "score_label",
     "shared_scale",
     "to_density",
     "unwrap",
@@ -249,11 +255,13 @@ class Atlas:
         layer_names: Keras names, in network order.
         activations: ``name -> (N, C, h, w)`` feature maps, detached (empty if not
             requested).
-        cams: ``name -> (N, 1, h, w)`` Grad-CAM after ReLU, in logit units, not
-            normalised (empty if not requested).
+        cams: ``name -> (N, 1, h, w)`` Grad-CAM after ReLU, in units of ``score``,
+            not normalised (empty if not requested).
         cams_signed: ``name -> (N, 1, h, w)`` the same before the ReLU; negative
             parts are evidence against the target class. Kept because it costs one
             small tensor per layer and lets callers measure how much was clipped.
+        score: What was differentiated: ``logit`` or ``probability`` (see
+            :func:`compute_atlas`).
     """
 
     logits: Tensor
@@ -263,6 +271,7 @@ class Atlas:
     activations: dict[str, Tensor] = field(default_factory=dict)
     cams: dict[str, Tensor] = field(default_factory=dict)
     cams_signed: dict[str, Tensor] = field(default_factory=dict)
+    score: Score = "logit"
 
     def to(self, device: torch.device | str) -> Atlas:
         """A copy with every tensor on ``device`` (e.g. ``"cpu"`` before plotting)."""
@@ -278,7 +287,26 @@ class Atlas:
             activations=move(self.activations),
             cams=move(self.cams),
             cams_signed=move(self.cams_signed),
+            score=self.score,
         )
+
+
+def check_score(score: str) -> Score:
+    """``score`` itself, or a :class:`UserError` naming the choices (it comes from configs)."""
+    if score not in SCORES:
+        raise UserError(f"score must be logit or probability, got {score!r}")
+    return score  # type: ignore[return-value]
+
+
+def score_label(score: Score, cls: str | None = None) -> str:
+    """How figures name the differentiated score: ``P(dog)``, ``-logit`` ...
+
+    ``cls`` is ``dog`` or ``cat``; without it, both (``±logit``, ``P(dog) / P(cat)``).
+    """
+    check_score(score)
+    if score == "probability":
+        return {"dog": "P(dog)", "cat": "P(cat) = 1 − P(dog)"}.get(cls or "", "P(dog) / P(cat)")
+    return {"dog": "+logit (dog)", "cat": "−logit (cat)"}.get(cls or "", "±logit")
 
 
 def resolve_target(target: TargetSpec, logits: Tensor) -> Tensor:
@@ -322,6 +350,7 @@ def compute_atlas(
     activations: bool = True,
     cams: bool = True,
     layers: Sequence[str] | Mapping[str, nn.Module] | None = None,
+    score: Score = "logit",
 ) -> Atlas:
     """Feature maps and Grad-CAM of every conv layer, one forward + one backward pass.
 
@@ -331,8 +360,23 @@ def compute_atlas(
     eval mode the samples do not interact. Parameters' ``.grad`` are never touched
     (``autograd.grad`` does not accumulate and skips weight gradients altogether).
 
-    The score is the logit, not the probability: ``d sigmoid/d logit`` is ~0 for a
-    confident prediction, which would flatten every map to nothing.
+    By default the score is the logit, not the probability: ``d sigmoid/d logit`` is
+    ~0 for a confident prediction, which flattens every map to nothing. The seed
+    differentiated the probability (Keras's sigmoid output: ``P(dog)`` for dog,
+    ``1 - P(dog)`` for cat); ``score="probability"`` gives those maps from the *same*
+    single backward pass. With ``p = P(dog)``, ``dp/dA = p(1-p) dlogit/dA`` and
+    ``d(1-p)/dA = -p(1-p) dlogit/dA``, so the probability score's gradient is the
+    signed logit score's times ``p(1-p) >= 0`` per image. Grad-CAM is linear in the
+    gradient before its ReLU, and ``ReLU(c x) = c ReLU(x)`` for ``c >= 0``, so each
+    image's signed and ReLU'd maps are its logit maps scaled by its ``p(1-p)``. The
+    scaling is applied where backpropagation starts (the pass is seeded with
+    ``sign * p(1-p)`` instead of ``sign``; backpropagation is linear in its seed), so
+    the float rounding is the same as when the sigmoid itself is differentiated: the
+    maps equal Captum's ``LayerGradCam`` of ``sigmoid(net(x))`` /
+    ``1 - sigmoid(net(x))`` bit for bit in practice, not just to float32 rounding
+    (rescaling the finished maps instead differs from it by up to ~1e-5 of a map's
+    peak in float32, through cancellation between channels). A saturated prediction
+    (``p(1-p)`` = 0 in floating point) gives all-zero maps, as the seed's did.
 
     Safe to call from anywhere: inside ``torch.inference_mode()`` or ``no_grad()``
     (Lightning's validate/test), on a model in train mode (it runs in eval mode and
@@ -353,10 +397,12 @@ def compute_atlas(
             forward pass under ``no_grad``).
         layers: Keras layer names to cover; ``None`` for all 13. A ``name -> module``
             mapping hooks those modules directly (any single-logit model).
+        score: ``logit`` (``sign * logit``) or ``probability`` (``P(target)``).
 
     Returns:
         An :class:`Atlas`; its tensors are detached and on the model's device.
     """
+    check_score(score)
     net, units = _resolve(model, stage, layers)
     names = list(units)
     param = _first_param(net)
@@ -385,7 +431,15 @@ def compute_atlas(
         cam_signed: dict[str, Tensor] = {}
         if cams:
             feats = [store[name] for name in names]
-            grads = torch.autograd.grad((sign * logits).sum(), feats)
+            # The backward pass is seeded per image with the score's derivative by the
+            # logit: sign for the logit, sign * p(1-p) for P(target) (see above).
+            seed = sign.to(logits.dtype)
+            if score == "probability":
+                p = torch.sigmoid(logits.detach())
+                # (1-p)*p: the product torch's sigmoid backward forms, so the rounding
+                # (and the maps, bit for bit) match differentiating the sigmoid itself
+                seed = seed * ((1 - p) * p)
+            grads = torch.autograd.grad(logits, feats, grad_outputs=seed)
             with torch.no_grad():
                 for name, a, g in zip(names, feats, grads, strict=True):
                     weights = g.mean(dim=(2, 3), keepdim=True)
@@ -403,6 +457,7 @@ def compute_atlas(
         activations=acts,
         cams=cam_maps,
         cams_signed=cam_signed,
+        score=score,
     )
 
 
@@ -442,11 +497,15 @@ def captum_gradcam(
     sign: float | Tensor,
     relu: bool = True,
     stage: Stage = "post",
+    score: Score = "logit",
 ) -> Tensor:
     """Grad-CAM of one layer with Captum's ``LayerGradCam`` (reference and baseline).
 
     ``forward_func = lambda x: sign * net(x)``, so ``sign=+1`` explains "dog" and
-    ``sign=-1`` "cat"; a ``(N,)`` tensor picks per sample. One forward and one backward
+    ``sign=-1`` "cat"; a ``(N,)`` tensor picks per sample. With
+    ``score="probability"`` it is ``sigmoid(net(x))`` for dog and
+    ``1 - sigmoid(net(x))`` for cat, written as ``(1 - sign)/2 + sign * sigmoid``
+    (the same function, and the same gradient to the bit). One forward and one backward
     pass per call: 13 calls is what :func:`compute_atlas` replaces. Runs in eval
     mode and restores every submodule's flag. Being only a reference, it does not
     leave inference mode for you: call it with grad mode enabled.
@@ -461,8 +520,19 @@ def captum_gradcam(
     param = _first_param(net)
     s = torch.as_tensor(sign, dtype=param.dtype, device=param.device)
     x = images.detach().to(device=param.device, dtype=param.dtype).clone()
+    check_score(score)
+    if score == "probability":
+
+        def forward(inp: Tensor) -> Tensor:
+            return (1 - s) / 2 + s * torch.sigmoid(net(inp))
+
+    else:
+
+        def forward(inp: Tensor) -> Tensor:
+            return s * net(inp)
+
     with eval_mode(model):
-        gc = LayerGradCam(lambda inp: s * net(inp), layer)
+        gc = LayerGradCam(forward, layer)
         out = gc.attribute(x, relu_attributions=relu)
     return out.detach()
 

@@ -9,8 +9,9 @@ that a report can put the two models side by side, layer by layer:
   :func:`hoyer_sparsity`, bundled by :func:`feature_map_measures`;
 * Grad-CAM concentration (non-negative maps ``(N, 1, h, w)`` or ``(N, h, w)``):
   :func:`cam_entropy`, :func:`top_mass_share`, bundled by :func:`cam_measures`;
-* faithfulness, the deletion/insertion game of Petsiuk et al. 2018 (RISE):
-  :func:`deletion_insertion` and its random-map baseline
+* faithfulness, the deletion/insertion game of Petsiuk et al. 2018 (RISE), with
+  RISE's defaults (deletion to black, insertion from RISE's blur, one step per 224
+  pixels, trapezoid AUC): :func:`deletion_insertion` and its random-map baseline
   :func:`random_deletion_insertion`;
 * the parameter-randomisation sanity check of Adebayo et al. 2018:
   :func:`randomized_copy` and :func:`spearman_rank_correlation`;
@@ -27,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Literal, TypedDict, overload
 
@@ -34,9 +36,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-BaselineKind = Literal["blur", "zero", "mean"]
+BaselineKind = Literal["blur", "gaussian", "zero", "mean"]
+BASELINES: tuple[str, ...] = ("blur", "gaussian", "zero", "mean")
+
+#: RISE's ``CausalMetric(step=224)``: pixels changed per deletion/insertion step.
+RISE_PIXELS_PER_STEP = 224
+#: RISE's substrate blur at 224 px: ``gkern(klen=11, nsig=5)`` (Evaluation.ipynb).
+RISE_SIGMA_AT_224 = 5.0
 
 __all__ = [
+    "BASELINES",
+    "RISE_PIXELS_PER_STEP",
     "BaselineKind",
     "DeletionInsertion",
     "cam_entropy",
@@ -53,6 +63,9 @@ __all__ = [
     "random_deletion_insertion",
     "random_saliency",
     "randomized_copy",
+    "rise_blur",
+    "rise_blur_kernel",
+    "rise_steps",
     "sparsity",
     "spatial_contrast",
     "spatial_contrast_per_image",
@@ -362,25 +375,83 @@ class DeletionInsertion(TypedDict):
 
 
 def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of ``(N, C, H, W)`` images with reflect padding.
+    """Gaussian blur of ``(N, C, H, W)`` images with reflect padding (the ``gaussian``
+    baseline).
 
     The kernel radius is ``ceil(3 * sigma)``, capped so that reflect padding stays
-    valid on small images. ``sigma <= 0`` returns a copy.
+    valid on small images; the work is torchvision's
+    ``transforms.v2.functional.gaussian_blur`` (same kernel and padding as the
+    separable convolution this replaced, to 1.5e-6 on ``[0, 1]`` images).
+    ``sigma <= 0`` returns a copy.
     """
+    from torchvision.transforms.v2.functional import gaussian_blur as tv_gaussian_blur
+
     if sigma <= 0:
         return images.clone()
-    _, c, h, w = images.shape
-    radius = max(1, math.ceil(3 * sigma))
-    radius = min(radius, h - 1, w - 1)
+    h, w = images.shape[-2:]
+    radius = min(max(1, math.ceil(3 * sigma)), h - 1, w - 1)
     if radius < 1:
         return images.clone()
-    x = torch.arange(-radius, radius + 1, device=images.device, dtype=torch.float32)
-    k = torch.exp(-(x**2) / (2 * sigma**2))
-    k = (k / k.sum()).to(images.dtype)
+    size = 2 * radius + 1
+    return tv_gaussian_blur(images, kernel_size=[size, size], sigma=[sigma, sigma])
+
+
+def _reflect_index(i: Tensor, n: int) -> Tensor:
+    """``scipy.ndimage`` ``reflect`` extension (``d c b a | a b c d | d c b a``), any offset."""
+    i = torch.remainder(i, 2 * n)
+    return torch.where(i >= n, 2 * n - 1 - i, i)
+
+
+def rise_blur_kernel(sigma: float, radius: int) -> Tensor:
+    """One axis of RISE's blur kernel: ``gkern(klen=2*radius+1, nsig=sigma)``.
+
+    RISE builds its kernel as ``scipy.ndimage.gaussian_filter`` of a delta in a
+    ``klen x klen`` window (scipy's defaults: ``reflect`` mode, ``truncate=4``), so
+    the Gaussian's tails are folded back into the window rather than cut off; the 2-D
+    kernel is the outer product of this 1-D one with itself. Computed here without
+    scipy, in float64.
+
+    Returns:
+        ``(2 * radius + 1,)`` float64 weights summing to 1.
+    """
+    n = 2 * radius + 1
+    r = int(4.0 * sigma + 0.5)  # scipy: radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-r, r + 1, dtype=torch.float64)
+    phi = torch.exp(-0.5 * (x / sigma) ** 2)
+    phi = phi / phi.sum()
+    out = torch.zeros(n, dtype=torch.float64)
+    pos = torch.arange(n).view(-1, 1) + torch.arange(-r, r + 1).view(1, -1)  # (n, 2r+1)
+    hits = (_reflect_index(pos, n) == radius).to(torch.float64)  # where the delta sits
+    out += (hits * phi.view(1, -1)).sum(dim=1)
+    return out
+
+
+def rise_blur(images: Tensor, sigma: float | None = None) -> Tensor:
+    """RISE's insertion substrate: its ``gkern`` blur with zero padding (the ``blur`` baseline).
+
+    RISE (Evaluation.ipynb) blurs with ``gkern(klen=11, nsig=5)`` and
+    ``conv2d(x, kern, padding=klen // 2)`` at 224 px: sigma 5, a window of ±5 pixels
+    (so the kernel is a folded, nearly flat Gaussian) and zero padding (the border
+    darkens). Here ``sigma = 5 * max(H, W) / 224`` and the window ``±max(1,
+    round(sigma))``, which is exactly RISE's kernel at 224 px and the same blur
+    relative to the image at other sizes.
+    """
+    h, w = images.shape[-2:]
+    sigma = RISE_SIGMA_AT_224 * max(h, w) / 224 if sigma is None else float(sigma)
+    if sigma <= 0:
+        return images.clone()
+    radius = max(1, round(sigma))
+    c = images.shape[1]
+    k = rise_blur_kernel(sigma, radius).to(device=images.device, dtype=images.dtype)
     kx = k.view(1, 1, 1, -1).expand(c, 1, 1, -1)
     ky = k.view(1, 1, -1, 1).expand(c, 1, -1, 1)
-    out = F.conv2d(F.pad(images, (radius, radius, 0, 0), mode="reflect"), kx, groups=c)
-    return F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), ky, groups=c)
+    out = F.conv2d(images, kx, padding=(0, radius), groups=c)
+    return F.conv2d(out, ky, padding=(radius, 0), groups=c)
+
+
+def rise_steps(height: int, width: int) -> int:
+    """RISE's number of steps: one per 224 pixels, ``ceil(H * W / 224)`` (224 at 224 px)."""
+    return max(1, math.ceil(height * width / RISE_PIXELS_PER_STEP))
 
 
 def make_baseline(
@@ -390,12 +461,14 @@ def make_baseline(
 
     Args:
         images: ``(N, C, H, W)`` model inputs (the seed feeds ``[0, 1]`` pixels).
-        kind: ``blur`` (RISE's insertion baseline: a Gaussian blur that removes the
-            object's detail but not the colours), ``zero`` (zeros, i.e. black for
-            ``[0, 1]`` inputs), ``mean`` (each image's per-channel mean colour), or a
-            tensor broadcastable to ``images``.
-        blur_sigma: Gaussian std in pixels; default ``5 * max(H, W) / 224``, RISE's
-            sigma of 5 at 224 px scaled to the input size.
+        kind: ``blur`` (RISE's insertion substrate, :func:`rise_blur`: removes the
+            object's detail but not its colours), ``gaussian`` (a plain Gaussian of
+            the same sigma, radius ``3 sigma``, reflect padding: a stronger blur,
+            this project's former default), ``zero`` (zeros: black for ``[0, 1]``
+            inputs, RISE's deletion substrate), ``mean`` (each image's per-channel
+            mean colour), or a tensor broadcastable to ``images``.
+        blur_sigma: Gaussian std in pixels for ``blur``/``gaussian``; default
+            ``5 * max(H, W) / 224``, RISE's sigma of 5 at 224 px scaled to the input.
 
     Returns:
         ``(N, C, H, W)`` tensor like ``images``.
@@ -407,9 +480,15 @@ def make_baseline(
     if kind == "mean":
         return images.mean(dim=(2, 3), keepdim=True).expand_as(images)
     if kind == "blur":
-        sigma = 5.0 * max(images.shape[-2:]) / 224 if blur_sigma is None else blur_sigma
+        return rise_blur(images, blur_sigma)
+    if kind == "gaussian":
+        sigma = (
+            RISE_SIGMA_AT_224 * max(images.shape[-2:]) / 224 if blur_sigma is None else blur_sigma
+        )
         return gaussian_blur(images, sigma)
-    raise ValueError(f"baseline must be 'blur', 'zero', 'mean' or a tensor, got {kind!r}")
+    raise ValueError(
+        f"baseline must be 'blur', 'gaussian', 'zero', 'mean' or a tensor, got {kind!r}"
+    )
 
 
 @contextlib.contextmanager
@@ -443,27 +522,38 @@ def deletion_insertion(
     images: Tensor,
     saliency: Tensor,
     sign: Tensor | float = 1.0,
-    steps: int = 16,
-    baseline: BaselineKind | Tensor = "blur",
+    steps: int | None = None,
+    deletion_baseline: BaselineKind | Tensor = "zero",
+    insertion_baseline: BaselineKind | Tensor = "blur",
     batch_size: int = 128,
     blur_sigma: float | None = None,
+    baseline: BaselineKind | Tensor | None = None,
 ) -> DeletionInsertion:
     """Deletion and insertion curves of a saliency map (Petsiuk et al. 2018, RISE).
 
     Deletion removes the most-attributed pixels first (replacing them by the
-    baseline) and follows the explained class's score: a faithful map makes it fall
-    fast, so a *lower* deletion AUC is better. Insertion starts from the baseline and
-    reveals the most-attributed pixels first: a faithful map makes the score rise
-    fast, so a *higher* insertion AUC is better. Compare against
+    deletion baseline) and follows the explained class's score: a faithful map makes
+    it fall fast, so a *lower* deletion AUC is better. Insertion starts from the
+    insertion baseline and reveals the most-attributed pixels first: a faithful map
+    makes the score rise fast, so a *higher* insertion AUC is better. Compare against
     :func:`random_deletion_insertion` on the same images.
+
+    The defaults are RISE's (``evaluation.py`` / ``Evaluation.ipynb``): deleted
+    pixels become zero (black), insertion starts from RISE's blur (:func:`rise_blur`),
+    one step per 224 pixels (``CausalMetric(step=224)``; ``steps=None`` means
+    :func:`rise_steps`, 224 steps at 224 x 224), and the AUC is the trapezoid rule
+    over the fraction axis ``[0, 1]`` (RISE's ``auc``). Where ``H*W`` is not a
+    multiple of ``steps``, step ``k`` affects the first ``floor(k * H*W / steps)``
+    pixels (equal shares; RISE instead moves 224 pixels per step and a short last
+    one, which only differs below 224 x 224), and the x axis is that exact share.
 
     Pixels are ordered by saliency, descending; ties (flat regions of an upsampled
     Grad-CAM, all-zero maps) are broken in raster order, so results are
-    deterministic; NaN saliency counts as least salient. Step ``k`` of ``steps``
-    affects the first ``floor(k * H*W / steps)`` pixels of that order, across all
-    channels. All ``2 * steps`` perturbed images of all inputs are stacked and run
-    through the model in batches of ``batch_size`` under ``torch.no_grad`` (the two
-    shared end points, full image and full baseline, are evaluated once). An
+    deterministic; NaN saliency counts as least salient. A step affects all channels
+    of its pixels. All perturbed images of all inputs are stacked and run through
+    the model in batches of ``batch_size`` under ``torch.no_grad``: ``2 * steps + 1``
+    per image (the full image, shared by both curves, once; ``2 * steps`` when the
+    two baselines are the same, as the fully-removed image is shared too). An
     ``nn.Module`` is put in eval mode for the call and restored afterwards; for any
     other callable that is the caller's job.
 
@@ -474,15 +564,28 @@ def deletion_insertion(
         saliency: ``(N, H, W)`` or ``(N, 1, H, W)`` maps already upsampled to the
             input size.
         sign: ``(N,)`` or scalar, ``+1`` to explain "dog", ``-1`` for "cat".
-        steps: Number of deletion / insertion steps; curves have ``steps + 1`` points.
-        baseline: See :func:`make_baseline`.
+        steps: Number of deletion / insertion steps; curves have ``steps + 1``
+            points. ``None``: RISE's one step per 224 pixels.
+        deletion_baseline: What deleted pixels become (see :func:`make_baseline`);
+            RISE's ``zero`` by default.
+        insertion_baseline: What insertion starts from; RISE's ``blur`` by default.
         batch_size: Perturbed images per forward pass.
         blur_sigma: See :func:`make_baseline`.
+        baseline: Deprecated: one baseline for both curves (the former single
+            option); overrides the two above, with a ``DeprecationWarning``.
 
     Returns:
         A :class:`DeletionInsertion` dict. AUCs use the trapezoid rule over the
         fraction axis ``[0, 1]``; for probabilities they lie in ``[0, 1]``.
     """
+    if baseline is not None:
+        warnings.warn(
+            "deletion_insertion(baseline=...) is deprecated; pass deletion_baseline and "
+            "insertion_baseline",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        deletion_baseline = insertion_baseline = baseline
     if images.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
     n, _, h, w = images.shape
@@ -493,6 +596,8 @@ def deletion_insertion(
             f"saliency must be (N, H, W) = {(n, h, w)} (upsample it first), "
             f"got {tuple(saliency.shape)}"
         )
+    if steps is None:
+        steps = rise_steps(h, w)
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     if batch_size < 1:
@@ -504,19 +609,36 @@ def deletion_insertion(
 
     npix = h * w
     ranks = _pixel_ranks(saliency.to(dev))  # (N, H*W)
-    base = make_baseline(images, baseline, blur_sigma)
+    # the fully-removed image is shared by both curves only when the baselines agree
+    same = (
+        isinstance(deletion_baseline, str)
+        and isinstance(insertion_baseline, str)
+        and deletion_baseline == insertion_baseline
+    )
+    del_base = make_baseline(images, deletion_baseline, blur_sigma)
+    ins_base = del_base if same else make_baseline(images, insertion_baseline, blur_sigma)
     counts = torch.arange(steps + 1, device=dev) * npix // steps  # pixels affected per step
     fractions = counts.float() / npix
 
-    # One job per perturbed image: show the image where lo <= rank < hi, baseline
-    # elsewhere. Deletion step k: [counts[k], npix); insertion step k: [0, counts[k]).
-    # Deletion k=0 is the full image (= insertion's last point) and insertion k=0 the
-    # baseline (= deletion's last point), so steps 0..steps-1 of each suffice.
-    img_idx = torch.arange(n, device=dev).repeat_interleave(steps)
-    k_idx = torch.arange(steps, device=dev).repeat(n)
-    job_img = torch.cat([img_idx, img_idx])
-    job_lo = torch.cat([counts[k_idx], torch.zeros_like(k_idx)])
-    job_hi = torch.cat([torch.full_like(k_idx, npix), counts[k_idx]])
+    # One job per perturbed image: show the image where lo <= rank < hi, a baseline
+    # elsewhere. Deletion step k: [counts[k], npix) over the deletion baseline;
+    # insertion step k: [0, counts[k]) over the insertion baseline. Deletion k=0 is
+    # the full image (= insertion's last point), so insertion needs steps 0..steps-1;
+    # deletion's last point (all baseline) is insertion's first when they agree.
+    n_del = steps if same else steps + 1
+    k_del = torch.arange(n_del, device=dev).repeat(n)
+    k_ins = torch.arange(steps, device=dev).repeat(n)
+    job_img = torch.cat(
+        [
+            torch.arange(n, device=dev).repeat_interleave(n_del),
+            torch.arange(n, device=dev).repeat_interleave(steps),
+        ]
+    )
+    job_lo = torch.cat([counts[k_del], torch.zeros_like(k_ins)])
+    job_hi = torch.cat([torch.full_like(k_del, npix), counts[k_ins]])
+    job_ins = torch.cat(
+        [torch.zeros_like(k_del, dtype=torch.bool), torch.ones_like(k_ins, dtype=torch.bool)]
+    )
 
     outs: list[Tensor] = []
     with torch.no_grad(), _eval_mode(model_fn):
@@ -525,7 +647,8 @@ def deletion_insertion(
             i = job_img[sl]
             r = ranks[i]
             show = (r >= job_lo[sl, None]) & (r < job_hi[sl, None])
-            x = torch.where(show.view(-1, 1, h, w), images[i], base[i])
+            base = torch.where(job_ins[sl].view(-1, 1, 1, 1), ins_base[i], del_base[i])
+            x = torch.where(show.view(-1, 1, h, w), images[i], base)
             logits = model_fn(x)
             if logits.ndim == 2 and logits.shape[1] == 1:
                 logits = logits[:, 0]
@@ -534,9 +657,12 @@ def deletion_insertion(
                     f"model_fn must return one logit per image, got shape {tuple(logits.shape)}"
                 )
             outs.append(logits.float())
-    raw = torch.cat(outs).view(2, n, steps) * sign_t.view(1, n, 1)
-    del_logit = torch.cat([raw[0], raw[1, :, :1]], dim=1)  # ends at the baseline
-    ins_logit = torch.cat([raw[1], raw[0, :, :1]], dim=1)  # ends at the full image
+    raw = torch.cat(outs)
+    del_raw = raw[: n * n_del].view(n, n_del) * sign_t.view(n, 1)
+    ins_raw = raw[n * n_del :].view(n, steps) * sign_t.view(n, 1)
+    # deletion ends at the baseline: with one baseline, that is insertion's first point
+    del_logit = torch.cat([del_raw, ins_raw[:, :1]], dim=1) if same else del_raw
+    ins_logit = torch.cat([ins_raw, del_raw[:, :1]], dim=1)  # ends at the full image
     del_prob, ins_prob = torch.sigmoid(del_logit), torch.sigmoid(ins_logit)
     return DeletionInsertion(
         fractions=fractions,
@@ -585,7 +711,8 @@ def random_deletion_insertion(
             device if None.
         repeats: Average curves and AUCs over this many independent random maps
             (the AUC is linear in the curve, so this equals the mean AUC).
-        **kwargs: Passed on (``steps``, ``baseline``, ``batch_size``, ``blur_sigma``).
+        **kwargs: Passed on (``steps``, ``deletion_baseline``, ``insertion_baseline``,
+            ``batch_size``, ``blur_sigma``).
 
     Returns:
         A :class:`DeletionInsertion` dict, averaged over ``repeats``.

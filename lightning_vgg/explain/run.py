@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -15,15 +15,19 @@ import torch
 from tqdm.auto import tqdm
 
 from lightning_vgg.checkpointing import ARCH_KEYS, read_checkpoint
-from lightning_vgg.data.augment import resize_nearest_pil
-from lightning_vgg.data.decode import IMAGE_SUFFIXES, ImageDecodeError, load_rgb
+from lightning_vgg.checks import NonNegativeInt, PositiveInt
+from lightning_vgg.data.decode import IMAGE_SUFFIXES, ImageDecodeError
+from lightning_vgg.data.preprocess import DEFAULT_RESCALE, Preprocess
 from lightning_vgg.errors import UserError
 from lightning_vgg.explain.atlas import (
     Atlas,
+    Score,
     Stage,
+    check_score,
     compute_atlas,
     normalize_per_map,
     normalize_shared,
+    score_label,
     shared_scale,
     to_density,
 )
@@ -55,7 +59,36 @@ def load_model(ckpt_path: str | Path, device: str | torch.device = "auto") -> VG
         UserError: The file is missing, not a checkpoint of this project, or its
             weights do not fit the architecture its hyperparameters describe.
     """
+    return _model_from(read_checkpoint(ckpt_path), ckpt_path, device)
+
+
+def load_model_and_preprocess(
+    ckpt_path: str | Path, device: str | torch.device = "auto"
+) -> tuple[VGGClassifier, Preprocess]:
+    """The network and the preprocessing it was evaluated with, from one checkpoint read.
+
+    The preprocessing comes from the checkpoint's ``datamodule_hyper_parameters``
+    (see :meth:`Preprocess.from_hparams`): what ``test`` and ``predict`` feed the
+    network. A checkpoint without them gets the defaults (nearest, 1/255) and a
+    warning.
+
+    Raises:
+        UserError: As :func:`load_model`.
+    """
     ckpt = read_checkpoint(ckpt_path)
+    model = _model_from(ckpt, ckpt_path, device)
+    hp = ckpt.get("datamodule_hyper_parameters")
+    pre = Preprocess.from_hparams(
+        hp if isinstance(hp, Mapping) else None,
+        image_size=int(model.hparams.input_size),
+        source=f"checkpoint {ckpt_path}",
+    )
+    return model, pre
+
+
+def _model_from(
+    ckpt: dict[str, Any], ckpt_path: str | Path, device: str | torch.device
+) -> VGGClassifier:
     hp = ckpt.get("hyper_parameters")
     if not isinstance(hp, dict) or "state_dict" not in ckpt or not all(k in hp for k in ARCH_KEYS):
         raise UserError(f"{ckpt_path} is not a lightning_vgg checkpoint (no VGG hyperparameters)")
@@ -118,20 +151,18 @@ def collect_images(paths: Sequence[str | Path]) -> list[Path]:
     return unique
 
 
-def load_image(path: str | Path, size: int, resize: str = "nearest") -> torch.Tensor:
-    """One image as a ``(3, S, S)`` float tensor in [0, 1], resized like training.
+def load_image(
+    path: str | Path, size: int, resize: str = "nearest", rescale: float = DEFAULT_RESCALE
+) -> torch.Tensor:
+    """One image as a ``(3, S, S)`` float32 model input, exactly as evaluation loads it.
+
+    Shorthand for ``Preprocess(size, resize, rescale).load(path)``; prefer the
+    checkpoint's own :class:`Preprocess` (:func:`load_model_and_preprocess`).
 
     Raises:
         ImageDecodeError: Not an image, corrupt, or too large to decode safely.
     """
-    from PIL import Image
-
-    img = load_rgb(path)
-    if resize == "nearest":
-        img = resize_nearest_pil(img, size)
-    else:
-        img = img.resize((size, size), Image.BILINEAR if resize == "bilinear" else Image.LANCZOS)
-    return torch.from_numpy(np.array(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return Preprocess(size, resize, rescale).load(path)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -152,13 +183,17 @@ class ImageMaps:
     zero_cat: dict[str, bool] = field(default_factory=dict)
     density_dog: dict[str, torch.Tensor] = field(default_factory=dict)
     density_cat: dict[str, torch.Tensor] = field(default_factory=dict)
+    score: Score = "logit"
 
 
 def signed_maps(atlas: Atlas) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Dog and cat Grad-CAM from one pass: the cat score is minus the dog logit.
 
     Grad-CAM is linear in the score before its ReLU, so the cat map is
-    ``ReLU(-signed_dog)``: one backward pass serves both classes.
+    ``ReLU(-signed_dog)``: one backward pass serves both classes. With
+    ``score="probability"`` the atlas's signed maps are already scaled by each
+    image's ``p(1-p) >= 0``, and the same identity gives ``P(dog)``'s and
+    ``P(cat) = 1 - P(dog)``'s maps (``d(1-p) = -dp``).
     """
     dog, cat = {}, {}
     for name, signed in atlas.cams_signed.items():
@@ -176,9 +211,16 @@ def image_maps(
     labels: Sequence[int | None],
     stage: Stage = "post",
     keep_activations: bool = True,
+    score: Score = "logit",
 ) -> list[ImageMaps]:
-    """Feature maps and both classes' Grad-CAM (raw and as densities) for a batch, one pass."""
-    atlas = compute_atlas(model, images, target="dog", stage=stage, activations=keep_activations)
+    """Feature maps and both classes' Grad-CAM (raw and as densities) for a batch, one pass.
+
+    ``score``: differentiate ``±logit`` or ``P(dog)`` / ``P(cat)`` (see
+    :func:`~lightning_vgg.explain.atlas.compute_atlas`).
+    """
+    atlas = compute_atlas(
+        model, images, target="dog", stage=stage, activations=keep_activations, score=score
+    )
     dog, cat = signed_maps(atlas)
     size = tuple(images.shape[-2:])
     out = []
@@ -189,6 +231,7 @@ def image_maps(
             prob_dog=float(atlas.probs[i]),
             label=labels[i],
             logit=float(atlas.logits[i]),
+            score=score,
         )
         for layer in atlas.layer_names:
             im.raw_dog[layer] = dog[layer][i, 0].cpu()
@@ -231,24 +274,27 @@ def normalise_maps(
 
 
 def title_of(m: ImageMaps) -> str:
-    """File name plus prediction, probability and true label."""
-    return f"{m.name}   {overlay_label(m.prob_dog, m.label)}"
+    """File name, prediction, probability, true label and the differentiated score."""
+    return f"{m.name}   {overlay_label(m.prob_dog, m.label)}   Grad-CAM of {score_label(m.score)}"
 
 
 def write_maps(m: ImageMaps, path: Path) -> Path:
     """The numbers behind the figures, for checking them against another implementation.
 
     One ``.npz`` with the exact model input (``input``, ``(3, S, S)`` float32), the
-    ``logit`` and, per layer, the raw Grad-CAM of each class at the layer's own
-    resolution in logit units (``gradcam_dog.<layer>``, ``gradcam_cat.<layer>``):
-    what Captum's ``LayerGradCam`` returns for the score ``+logit`` / ``-logit`` with
-    ``relu_attributions=True``, before any upsampling or normalisation.
+    ``logit``, the ``score`` mode and, per layer, the raw Grad-CAM of each class at
+    the layer's own resolution in the score's units (``gradcam_dog.<layer>``,
+    ``gradcam_cat.<layer>``): what Captum's ``LayerGradCam`` returns for the score
+    ``+logit`` / ``-logit`` (``score="logit"``) or ``sigmoid(logit)`` /
+    ``1 - sigmoid(logit)`` (``score="probability"``) with ``relu_attributions=True``,
+    before any upsampling or normalisation.
     """
     from lightning_vgg.fileio import atomic_path
 
     arrays: dict[str, np.ndarray] = {
         "input": m.image.numpy().astype(np.float32),
         "logit": np.float32(m.logit),
+        "score": np.array(m.score),
     }
     for cls in ("dog", "cat"):
         for layer, cam in getattr(m, f"raw_{cls}").items():
@@ -264,7 +310,8 @@ def captum_agreement(
     """Per layer, the largest relative difference between our maps and Captum's.
 
     Runs Captum's ``LayerGradCam`` once per layer and class (26 forward and backward
-    passes for a batch) on the same input, and compares it with the one-pass maps in
+    passes for a batch) on the same input and score (the maps' ``score``), and
+    compares it with the one-pass maps in
     ``maps``: ``max |ours - captum| / max |captum|`` over the batch, the worse of the
     two classes. A layer where Captum's map is all zero scores 0 if ours is all zero
     too, else infinity.
@@ -276,7 +323,8 @@ def captum_agreement(
         for layer in maps[0].raw_dog:
             diffs = []
             for cls, sign in (("dog", 1.0), ("cat", -1.0)):
-                ref = captum_gradcam(model, images, layer, sign, stage=stage)[:, 0].cpu().double()
+                ref = captum_gradcam(model, images, layer, sign, stage=stage, score=maps[0].score)
+                ref = ref[:, 0].cpu().double()
                 ours = torch.stack([getattr(m, f"raw_{cls}")[layer] for m in maps]).double()
                 peak = float(ref.abs().max())
                 err = float((ours - ref).abs().max())
@@ -309,7 +357,10 @@ def write_image_files(
         shown, zeros = getattr(m, cls), getattr(m, f"zero_{cls}")
         for layer, map01 in shown.items():
             fig = gradcam_overlay(
-                m.image, map01, f"{layer}, {cls} score — {title}", zero=zeros[layer]
+                m.image,
+                map01,
+                f"{layer}, Grad-CAM of {score_label(m.score, cls)} — {title}",
+                zero=zeros[layer],
             )
             p = save_figure(fig, out / "gradcam" / f"{layer}_{cls}.png")
             files[f"gradcam_{cls}"][layer] = p.relative_to(out).as_posix()
@@ -327,13 +378,14 @@ def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 
 def load_inputs(
-    paths: Sequence[Path], size: int, resize: str, labels: Sequence[int | None] | None = None
+    paths: Sequence[Path], pre: Preprocess, labels: Sequence[int | None] | None = None
 ) -> tuple[list[tuple[Path, torch.Tensor, int | None]], list[tuple[str, str]]]:
-    """Decode images, keeping the readable ones and the reasons for the others."""
+    """Model inputs (:meth:`Preprocess.load`) of the readable images, and the reasons
+    for the others."""
     ok, skipped = [], []
     for i, p in enumerate(paths):
         try:
-            x = load_image(p, size, resize)
+            x = pre.load(p)
         except (ImageDecodeError, OSError) as exc:
             skipped.append((str(p), getattr(exc, "reason", str(exc))))
             continue
@@ -349,24 +401,30 @@ def run_explain(
     ckpt_path: str,
     out: str,
     images: list[str] | None = None,
-    n: int = 8,
+    n: PositiveInt = 8,
     split_file: str | None = None,
     stage: Stage = "post",
     normalize: Normalize = "per_map",
     device: str = "auto",
-    batch_size: int = 1,
-    max_channels: int = 64,
-    overview_n: int = 8,
-    resize: Literal["nearest", "bilinear", "antialias"] = "nearest",
-    workers: int = 2,
+    batch_size: PositiveInt = 1,
+    max_channels: PositiveInt = 64,
+    overview_n: PositiveInt = 8,
+    resize: Literal["nearest", "bilinear", "antialias"] | None = None,
+    score: Score = "logit",
+    workers: NonNegativeInt = 2,
     save_maps: bool = True,
     check_captum: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write feature maps of every layer, Grad-CAM of every layer (cat and dog) and an atlas per image.
 
     Args:
         ckpt_path: A checkpoint written by ``fit``; it alone rebuilds the network.
-        out: Output folder; replaced as a whole when the command succeeds.
+        out: Output folder: a new or empty one, or one an earlier ``explain`` wrote
+            (its results are replaced). Built beside it and moved in when complete,
+            with a manifest (``.lightning_vgg-manifest.json``) of the files written.
+            Refused before any work: the current directory, the home directory, and
+            any folder that is or holds the checkpoint, its run folder or an image.
         images: Image files or folders. Without them, ``n`` test images (half cats,
             half dogs) come from the run's ``split.csv``.
         n: How many test-split images to take when ``images`` is not given.
@@ -382,7 +440,18 @@ def run_explain(
             map's peak where its channels cancel).
         max_channels: Channels drawn per layer in the feature-map grids.
         overview_n: Channels per layer in the overview figure.
-        resize: How images are brought to the model's input size.
+        resize: How images are brought to the model's input size. ``None`` (the
+            default): as the checkpoint's data module evaluated them, the same
+            preprocessing (decoder, resize, image size, rescale) that ``test`` and
+            ``predict`` use, so ``P(dog)`` here equals ``predictions.csv``. A
+            checkpoint without data settings falls back to ``nearest`` and 1/255
+            with a warning. An explicit value overrides the checkpoint's resize,
+            with a warning when it differs.
+        score: What Grad-CAM differentiates: ``logit`` (``+logit`` for the dog
+            maps, ``-logit`` for the cat maps; stays informative for confident
+            predictions) or ``probability`` (``P(dog)`` and ``1 - P(dog)``, as the
+            seed's Keras notebook). Recorded in ``explain.json``, ``maps.npz`` and
+            the figure titles.
         workers: Processes drawing figures (matplotlib is the slow part); 0 draws
             in this process.
         save_maps: Also write each image's model input and raw Grad-CAM maps
@@ -390,19 +459,23 @@ def run_explain(
         check_captum: Recompute every layer's map of both classes with Captum's
             ``LayerGradCam`` (26 extra passes per batch) and record the largest
             relative difference per layer in ``explain.json``; warns above 1e-5.
+        overwrite: Also write into a folder holding other files (or another
+            command's results). Only the files listed in the folder's manifest (the
+            previous results) are replaced or removed; other files are never touched,
+            and one standing where a new file goes is refused.
 
     Returns:
         The output folder.
     """
     from lightning_vgg.checkpointing import run_dir_of_checkpoint
     from lightning_vgg.data.split import read_split_csv
-    from lightning_vgg.fileio import staged_dir, write_json
+    from lightning_vgg.fileio import check_output_dir, output_dir, write_json
 
-    model = load_model(ckpt_path, device)
-    size = int(model.hparams.input_size)
+    inputs: list[str | Path] = [ckpt_path, run_dir_of_checkpoint(ckpt_path)]
     labels: list[int | None] | None = None
     if images:
         paths = collect_images(images)
+        inputs += images
     else:
         split = Path(split_file) if split_file else run_dir_of_checkpoint(ckpt_path) / "split.csv"
         if not split.is_file():
@@ -413,7 +486,20 @@ def run_explain(
         half = max(1, n // 2)
         picked = [r for r in rows if r[1] == 0][:half] + [r for r in rows if r[1] == 1][: n - half]
         paths, labels = [Path(r[0]) for r in picked], [r[1] for r in picked]
-    loaded, skipped = load_inputs(paths, size, resize, labels)
+        inputs.append(split)
+    inputs += sorted({p.parent for p in paths})  # a folder holding an image is refused
+    check_output_dir(out, inputs, overwrite, "explain", ["explain.json"])
+    check_score(score)
+    model, pre = load_model_and_preprocess(ckpt_path, device)
+    if resize is not None and resize != pre.resize:
+        warnings.warn(
+            f"--resize={resize} overrides the checkpoint's resize={pre.resize}: the images "
+            "are not what test and predict gave this model",
+            stacklevel=2,
+        )
+        pre = pre.with_resize(resize)
+    size = pre.image_size
+    loaded, skipped = load_inputs(paths, pre, labels)
     if not loaded:
         raise UserError(
             f"none of the {len(paths)} image(s) could be read: "
@@ -422,14 +508,14 @@ def run_explain(
 
     records: list[dict[str, Any]] = []
     agreement: dict[str, float] = {}
-    with staged_dir(out) as stage_dir, _figure_pool(workers) as pool:
+    with output_dir(out, "explain") as stage_dir, _figure_pool(workers) as pool:
         bar = tqdm(total=len(loaded), desc="explaining", unit="img", disable=len(loaded) < 4)
         used: set[str] = set()
         pending = []
         for chunk in batches(loaded, batch_size):
             x = torch.stack([c[1] for c in chunk])
             names = [c[0].name for c in chunk]
-            maps = image_maps(model, x, names, [c[2] for c in chunk], stage=stage)
+            maps = image_maps(model, x, names, [c[2] for c in chunk], stage=stage, score=score)
             normalise_maps(maps, normalize)
             if check_captum:
                 for layer, d in captum_agreement(model, x, maps, stage).items():
@@ -457,6 +543,9 @@ def run_explain(
             "stage": stage,
             "normalize": normalize,
             "input_size": size,
+            "preprocess": pre.describe(),
+            "score": score,
+            "gradcam_of": {"dog": score_label(score, "dog"), "cat": score_label(score, "cat")},
             "images": records,
             "skipped": [{"image": p, "reason": r} for p, r in skipped],
         }

@@ -10,6 +10,15 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
+from lightning_vgg.checks import (
+    NonNegativeFloat,
+    OpenUnitInterval,
+    PositiveFloat,
+    PositiveInt,
+    UnitIntervalFromZero,
+    UnitIntervalToOne,
+    check_ranges,
+)
 from lightning_vgg.models.vgg import VGG16, BatchNormMode, InitMode
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -45,26 +54,28 @@ class VGGClassifier(pl.LightningModule):
 
     def __init__(
         self,
-        width: float = 1.0,
+        width: PositiveFloat = 1.0,
         batch_norm: BatchNormMode = "every_conv",
-        bn_momentum: float = 0.01,
-        bn_eps: float = 1e-3,
-        hidden: int = 4096,
-        dropout: float = 0.0,
-        input_size: int = 224,
+        bn_momentum: UnitIntervalToOne = 0.01,
+        bn_eps: PositiveFloat = 1e-3,
+        hidden: PositiveInt = 4096,
+        dropout: UnitIntervalFromZero = 0.0,
+        input_size: PositiveInt = 224,
         inplace_relu: bool = True,
         init: InitMode = "keras",
         optimizer: Literal["sgd", "adamw"] = "sgd",
-        lr: float = 1e-3,
-        momentum: float = 0.9,
+        lr: PositiveFloat = 1e-3,
+        momentum: NonNegativeFloat = 0.9,
         nesterov: bool = False,
-        weight_decay: float = 0.0,
+        weight_decay: NonNegativeFloat = 0.0,
         scheduler: Literal["none", "onecycle", "cosine"] = "none",
-        warmup_pct: float = 0.1,
-        label_smoothing: float = 0.0,
+        warmup_pct: OpenUnitInterval = 0.1,
+        label_smoothing: UnitIntervalFromZero = 0.0,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
+        # the CLI checks these while parsing; a direct Python call gets the same message
+        check_ranges("model", VGGClassifier.__init__, locals())
         self.save_hyperparameters()
         self.net = VGG16(
             width=width,
@@ -86,6 +97,7 @@ class VGGClassifier(pl.LightningModule):
                 for kind in ("acc", "loss")
             }
         )
+        self._eval_images = 0  # images that reached val/test steps in this epoch (this rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape ``(N,)``; apply ``sigmoid`` for P(dog)."""
@@ -107,6 +119,8 @@ class VGGClassifier(pl.LightningModule):
         loss = self._batch_loss(losses) if stage == "train" else losses.mean()
         loss_metric = self.metrics[f"{stage}_loss"]
         acc_metric = self.metrics[f"{stage}_acc"]
+        if stage != "train":
+            self._eval_images += n
         if n > 0:  # a DDP rank can hold no image of a short last batch
             # per-image values: the epoch mean is sample-weighted, over all ranks
             loss_metric.update(losses.detach())
@@ -155,6 +169,30 @@ class VGGClassifier(pl.LightningModule):
         if len(batch) > 2:
             result["keys"] = batch[2]
         return result
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_images = 0
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_images = 0
+
+    def on_validation_epoch_end(self) -> None:
+        """``validate`` only (not fit's validation): count the images, refuse too few."""
+        if self._trainer is not None and self.trainer.state.fn == "validate":
+            self._log_image_counts("validate", "val")
+
+    def on_test_epoch_end(self) -> None:
+        """Log ``test/n_images`` and ``test/n_skipped``, or refuse a result on too few
+        images (before any callback writes a file)."""
+        self._log_image_counts("test", "test")
+
+    def _log_image_counts(self, stage: str, prefix: str) -> None:
+        from lightning_vgg.callbacks import count_eval_images
+
+        used, skipped = count_eval_images(self.trainer, stage, self._eval_images)
+        # already summed over ranks: every rank logs the same numbers (a mean of equals)
+        for name, value in (("n_images", used), ("n_skipped", skipped)):
+            self.log(f"{prefix}/{name}", float(value), sync_dist=True)
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         """Probabilities of 'dog' and the 0/1 prediction for each image."""

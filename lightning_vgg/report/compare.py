@@ -13,16 +13,21 @@ pictures:
 * per-layer measures on ``n_per_class`` test cats and dogs: feature-map health
   (dead channels, spatial contrast, sparsity), Grad-CAM focus (entropy, top-10 %
   mass, all-zero maps), faithfulness (deletion/insertion AUC against random pixel
-  orders) and the parameter-randomisation sanity check (Spearman rank correlation
-  with the maps of a re-initialised copy).
+  orders, by RISE's definition: delete to black, insert into RISE's blur, one step
+  per 224 pixels, trapezoid AUC) and the parameter-randomisation sanity check
+  (Spearman rank correlation with the maps of a re-initialised copy).
 
 Grad-CAM in the measures explains each image's **predicted** class (what the model
 decided, the usual choice for faithfulness: deletion then removes the evidence for
-the decision actually taken). The atlas figures show both classes.
+the decision actually taken). The atlas figures show both classes. ``score`` picks
+what Grad-CAM differentiates: ``±logit`` (default) or the probability, as the seed.
+Both models are fed the good checkpoint's own evaluation preprocessing
+(:class:`~lightning_vgg.data.preprocess.Preprocess`), what its ``test`` saw.
 
-Everything is written into one folder through :func:`~lightning_vgg.fileio.staged_dir`,
+Everything is written into one folder through :func:`~lightning_vgg.fileio.output_dir`,
 so the folder is complete or left as it was: ``report.html`` (self-contained),
 ``report.md`` with ``figures/*.png`` beside it, and ``measures.json`` with every number.
+Only files an earlier run listed in the folder's manifest are ever replaced.
 """
 
 from __future__ import annotations
@@ -40,10 +45,20 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_vgg.checkpointing import run_dir_of_checkpoint
+from lightning_vgg.checkpointing import read_checkpoint, run_dir_of_checkpoint
+from lightning_vgg.checks import NonNegativeInt, PositiveInt
+from lightning_vgg.data.preprocess import Preprocess
 from lightning_vgg.errors import UserError
-from lightning_vgg.explain.atlas import compute_atlas, shared_scale, upsample
+from lightning_vgg.explain.atlas import (
+    Score,
+    check_score,
+    compute_atlas,
+    score_label,
+    shared_scale,
+    upsample,
+)
 from lightning_vgg.explain.measures import (
+    BASELINES,
     BaselineKind,
     cam_entropy,
     dead_channel_fraction_per_image,
@@ -51,11 +66,18 @@ from lightning_vgg.explain.measures import (
     hoyer_sparsity,
     random_deletion_insertion,
     randomized_copy,
+    rise_steps,
     spatial_contrast,
     spearman_rank_correlation,
     top_mass_share,
 )
-from lightning_vgg.fileio import save_figure, staged_dir, write_json, write_text
+from lightning_vgg.fileio import (
+    check_output_dir,
+    output_dir,
+    save_figure,
+    write_json,
+    write_text,
+)
 from lightning_vgg.report.history import SEED_RESULTS, SUMMARY_KEYS, read_metrics_csv, summarize
 from lightning_vgg.report.html import (
     MISSING,
@@ -105,6 +127,8 @@ STAGE = "post"
 FEATURE_CHANNELS = 8
 #: Fraction of pixels in the Grad-CAM "top mass" measure.
 TOP_Q = 0.10
+#: Files every report has at its top level (never written over a user's own file).
+REPORT_FILES = ("report.html", "report.md", "measures.json")
 
 
 # --------------------------------------------------------------------------- runs
@@ -121,6 +145,9 @@ class RunInfo:
     rows: list[dict[str, float]]
     has_test: bool
     sources: list[str] = field(default_factory=list)
+    #: The checkpoint's ``epoch`` (0-based, as in metrics.csv) and ``global_step``.
+    ckpt_epoch: int | None = None
+    ckpt_step: int | None = None
 
 
 def _finite_or_none(v: Any) -> float | None:
@@ -173,6 +200,8 @@ def read_run(name: str, ckpt: str | Path) -> RunInfo:
     for key in SUMMARY_KEYS:
         v = _finite_or_none(from_summary.get(key))
         metrics[key] = v if v is not None else _finite_or_none(computed.get(key))
+    raw = read_checkpoint(ckpt)
+    epoch, step = raw.get("epoch"), raw.get("global_step")
     return RunInfo(
         name=name,
         ckpt=ckpt,
@@ -181,7 +210,18 @@ def read_run(name: str, ckpt: str | Path) -> RunInfo:
         rows=rows,
         has_test=metrics["test_acc"] is not None,
         sources=sources,
+        ckpt_epoch=int(epoch) if isinstance(epoch, int) else None,
+        ckpt_step=int(step) if isinstance(step, int) else None,
     )
+
+
+def checkpoint_words(run: RunInfo) -> str:
+    """``best.ckpt``, saved after epoch 12 (0-based), step 1,040: for the setup table."""
+    where = f"`{run.ckpt}`"
+    if run.ckpt_epoch is None:
+        return where
+    step = f", training step {run.ckpt_step:,}" if run.ckpt_step is not None else ""
+    return f"{where}: saved after epoch {run.ckpt_epoch} (0-based, as in metrics.csv){step}"
 
 
 # --------------------------------------------------------------------------- images
@@ -207,14 +247,36 @@ def _test_set(rows: Sequence[tuple[str, int, str]]) -> set[tuple[str, int]]:
 
 def _data_hparams(ckpt: Path) -> dict[str, Any]:
     """The data module's hyperparameters saved in a checkpoint (resize, rescale...)."""
-    try:
-        raw = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:
-        from lightning_vgg.checkpointing import read_checkpoint
-
-        raw = read_checkpoint(ckpt)
+    raw = read_checkpoint(ckpt)
     hp = raw.get("datamodule_hyper_parameters") if isinstance(raw, dict) else None
     return dict(hp) if isinstance(hp, Mapping) else {}
+
+
+def compare_inputs(good: str | Path, bad: str | Path, split_file: str | None) -> list[Path]:
+    """What ``compare`` reads, so that its ``--out`` is never one of them or holds one.
+
+    Both checkpoints and their run folders, their local data sources, the split file
+    and the folders of the images it lists. Unreadable files are skipped here (the
+    comparison itself says what is wrong with them).
+    """
+    from lightning_vgg.data.split import read_split_csv
+
+    inputs: list[Path] = []
+    for ckpt in (Path(good), Path(bad)):
+        inputs += [ckpt, run_dir_of_checkpoint(ckpt)]
+        try:
+            source = _data_hparams(ckpt).get("source")
+        except UserError:
+            continue
+        if isinstance(source, str) and source and "://" not in source:
+            inputs.append(Path(source))
+    split = Path(split_file) if split_file else run_dir_of_checkpoint(good) / "split.csv"
+    inputs.append(split)
+    try:
+        rows = read_split_csv(split) if split.is_file() else []
+    except UserError:
+        rows = []
+    return inputs + sorted({Path(p).parent for p, _, _ in rows})
 
 
 # --------------------------------------------------------------------------- measures
@@ -298,11 +360,13 @@ def measure_model(
     model: torch.nn.Module,
     images: Tensor,
     batch_size: int,
-    deletion_steps: int,
-    baseline: BaselineKind,
+    deletion_steps: int | None,
+    deletion_baseline: BaselineKind,
     seed: int,
     faithfulness_layers: Literal["last", "all"] = "last",
     desc: str = "",
+    insertion_baseline: BaselineKind = "blur",
+    score: Score = "logit",
 ) -> dict[str, Any]:
     """Every measure of one model on one image set, batch by batch, on its device.
 
@@ -310,12 +374,18 @@ def measure_model(
         model: The trained network (eval mode, on its device).
         images: ``(N, 3, S, S)`` model inputs on the CPU.
         batch_size: Images per forward/backward pass.
-        deletion_steps: Steps of the deletion/insertion curves.
-        baseline: What deleted pixels become (see ``make_baseline``).
+        deletion_steps: Steps of the deletion/insertion curves; ``None`` for
+            RISE's one step per 224 pixels (:func:`rise_steps`).
+        deletion_baseline: What deleted pixels become (see ``make_baseline``).
         seed: Seed of the randomised copy and of the random saliency maps.
         faithfulness_layers: Deletion/insertion for the last conv layer only, or
             for every layer (13 times the cost).
         desc: Progress bar label.
+        insertion_baseline: What insertion starts from.
+        score: What Grad-CAM differentiates (``logit`` or ``probability``). The
+            focus measures, the rank correlations and the pixel orders are
+            invariant to the per-image factor ``p(1-p)`` that tells the two apart,
+            except where it underflows to 0 (saturated predictions: all-zero maps).
 
     Returns:
         ``{"layers": [...], "prob_dog": [...], "features": {layer: {...}},
@@ -333,14 +403,21 @@ def measure_model(
     probs: list[Tensor] = []
     layers: list[str] = []
     size = tuple(images.shape[-2:])
+    steps = rise_steps(*size) if deletion_steps is None else deletion_steps
+    di_options = {
+        "steps": steps,
+        "deletion_baseline": deletion_baseline,
+        "insertion_baseline": insertion_baseline,
+        "batch_size": 4 * batch_size,
+    }
     bar = tqdm(total=images.shape[0], desc=desc or "measuring", unit="img", leave=False)
     for start in range(0, images.shape[0], batch_size):
         x = images[start : start + batch_size].to(device)
-        atlas = compute_atlas(model, x, target=TARGET, stage=STAGE, activations=True)
+        atlas = compute_atlas(model, x, target=TARGET, stage=STAGE, activations=True, score=score)
         layers = atlas.layer_names
         sign = atlas.target_sign
         probs.append(atlas.probs.cpu())
-        ratlas = compute_atlas(rand, x, target=sign, stage=STAGE, activations=False)
+        ratlas = compute_atlas(rand, x, target=sign, stage=STAGE, activations=False, score=score)
         for layer in layers:
             feats.setdefault(layer, FeatureStats()).update(atlas.activations[layer])
             cam = atlas.cams[layer]
@@ -356,25 +433,9 @@ def measure_model(
         explained = layers if faithfulness_layers == "all" else layers[-1:]
         for layer in explained:
             saliency = upsample(atlas.cams[layer], size)[:, 0]
-            di = deletion_insertion(
-                model,
-                x,
-                saliency,
-                sign,
-                steps=deletion_steps,
-                baseline=baseline,
-                batch_size=4 * batch_size,
-            )
+            di = deletion_insertion(model, x, saliency, sign, **di_options)
             di_parts.setdefault(layer, []).append(dict(di))
-        rdi = random_deletion_insertion(
-            model,
-            x,
-            sign,
-            generator=gen,
-            steps=deletion_steps,
-            baseline=baseline,
-            batch_size=4 * batch_size,
-        )
+        rdi = random_deletion_insertion(model, x, sign, generator=gen, **di_options)
         rand_parts.append(dict(rdi))
         del atlas
         bar.update(x.shape[0])
@@ -399,8 +460,12 @@ def measure_model(
     faith = {
         "layer": last,
         "target": TARGET,
-        "baseline": baseline,
-        "steps": deletion_steps,
+        "score": score,
+        "deletion_baseline": deletion_baseline,
+        "insertion_baseline": insertion_baseline,
+        "baseline": f"deletion → {deletion_baseline}, insertion → {insertion_baseline}",
+        "steps": steps,
+        "auc": "trapezoid rule over the fraction of pixels, [0, 1]",
         "gradcam": {layer: _di_summary(di) for layer, di in per_layer.items()},
         "random": _di_summary(random_di),
         "curves": {
@@ -459,6 +524,14 @@ def _stem(path: str) -> str:
     return re.sub(r"[^\w.\-]+", "_", Path(path).stem)[:40]
 
 
+def _score_words(score: str) -> str:
+    return "probability" if score == "probability" else "logit (±logit)"
+
+
+def _unit(score: str) -> str:
+    return "probability" if score == "probability" else "logit"
+
+
 def _caption(name: str, prob: float, label: int | None) -> str:
     from lightning_vgg.explain.plots import overlay_label
 
@@ -474,15 +547,19 @@ def run_compare(
     good: str,
     bad: str,
     out: str,
-    n_per_class: int = 100,
-    show_per_class: int = 1,
+    n_per_class: PositiveInt = 100,
+    show_per_class: NonNegativeInt = 1,
     split_file: str | None = None,
     device: str = "auto",
-    batch_size: int = 25,
-    deletion_steps: int = 16,
-    baseline: Literal["blur", "zero", "mean"] = "blur",
+    batch_size: PositiveInt = 25,
+    deletion_steps: PositiveInt | None = None,
+    deletion_baseline: Literal["zero", "blur", "gaussian", "mean"] = "zero",
+    insertion_baseline: Literal["blur", "gaussian", "zero", "mean"] = "blur",
     seed: int = 0,
     faithfulness_layers: Literal["last", "all"] = "last",
+    overwrite: bool = False,
+    score: Literal["logit", "probability"] = "logit",
+    baseline: Literal["blur", "gaussian", "zero", "mean"] | None = None,
 ) -> Path:
     """Compare a good and a broken checkpoint layer by layer, and write one report.
 
@@ -498,7 +575,12 @@ def run_compare(
     Args:
         good: Checkpoint of the well-trained model (``runs/.../checkpoints/best.ckpt``).
         bad: Checkpoint of the broken control.
-        out: Output folder; replaced as a whole when the command succeeds.
+        out: Output folder: a new or empty one, or one an earlier ``compare`` wrote
+            (its report is replaced). Built beside it and moved in when complete, with
+            a manifest (``.lightning_vgg-manifest.json``) of the files written.
+            Refused before any work: the current directory, the home directory, and
+            any folder that is or holds a checkpoint, a run folder, the data or the
+            split file.
         n_per_class: Test cats and test dogs the measures are computed on.
         show_per_class: Cats and dogs drawn in the feature-map and Grad-CAM figures
             (the first of the measured ones).
@@ -506,20 +588,36 @@ def run_compare(
             in the good checkpoint's run directory.
         device: ``auto`` (the GPU when there is one), ``cpu`` or ``cuda``.
         batch_size: Images per forward/backward pass.
-        deletion_steps: Steps of the deletion/insertion curves.
-        baseline: What deleted pixels are replaced by: ``blur`` (RISE), ``zero`` or
-            ``mean`` colour.
+        deletion_steps: Steps of the deletion/insertion curves; ``None`` (default):
+            RISE's one step per 224 pixels, ``ceil(S*S / 224)`` (224 steps at 224 px,
+            19 at 64 px).
+        deletion_baseline: What deleted pixels become: ``zero`` (black, RISE's
+            deletion substrate), ``blur`` (RISE's blur), ``gaussian`` (a stronger
+            Gaussian blur) or ``mean`` colour.
+        insertion_baseline: What insertion starts from: ``blur`` (RISE's insertion
+            substrate), ``gaussian``, ``zero`` or ``mean``.
         seed: Seed of the randomised copies (sanity check) and the random saliency
             maps (faithfulness baseline).
         faithfulness_layers: Deletion/insertion on the last conv layer's Grad-CAM
             (``last``) or on every layer's (``all``; 13 times the cost).
+        overwrite: Also write into a folder holding other files (or another
+            command's results). Only the files listed in the folder's manifest (the
+            previous report) are replaced or removed; other files are never touched,
+            and one standing where a new file goes is refused.
+        score: What Grad-CAM differentiates, in the measures and the figures:
+            ``logit`` (``±logit``) or ``probability`` (``P(dog)`` / ``1 - P(dog)``,
+            the seed's); see :func:`~lightning_vgg.explain.atlas.compute_atlas`.
+        baseline: Deprecated: one baseline for both curves (the former option);
+            overrides ``deletion_baseline`` and ``insertion_baseline``, with a
+            warning.
 
     Returns:
         The output folder.
 
     Raises:
         UserError: A checkpoint is missing or unreadable, the two need different
-            input sizes, there is no split file, or no test image can be read.
+            input sizes, there is no split file, no test image can be read, or the
+            output folder is refused.
     """
     from lightning_vgg.data.split import read_split_csv
     from lightning_vgg.explain.run import load_inputs, load_model, pick_device
@@ -530,12 +628,23 @@ def run_compare(
         raise UserError(f"show_per_class must be at least 0, got {show_per_class}")
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {batch_size}")
-    if deletion_steps < 1:
+    if deletion_steps is not None and deletion_steps < 1:
         raise UserError(f"deletion_steps must be at least 1, got {deletion_steps}")
-    if baseline not in ("blur", "zero", "mean"):
-        raise UserError(f"baseline must be blur, zero or mean, got {baseline!r}")
+    if baseline is not None:
+        warnings.warn(
+            f"compare: baseline={baseline} is deprecated and sets both curves' baseline; "
+            "use deletion_baseline and insertion_baseline (RISE: zero and blur)",
+            FutureWarning,
+            stacklevel=2,
+        )
+        deletion_baseline = insertion_baseline = baseline
+    for name, kind in (("deletion", deletion_baseline), ("insertion", insertion_baseline)):
+        if kind not in BASELINES:
+            raise UserError(f"{name}_baseline must be one of {', '.join(BASELINES)}, got {kind!r}")
+    check_score(score)
     if faithfulness_layers not in ("last", "all"):
         raise UserError(f"faithfulness_layers must be last or all, got {faithfulness_layers!r}")
+    check_output_dir(out, compare_inputs(good, bad, split_file), overwrite, "compare", REPORT_FILES)
 
     ckpts = {"good": Path(good), "bad": Path(bad)}
     dev = pick_device(device)
@@ -582,18 +691,25 @@ def run_compare(
             f"{n_cats} and {n_dogs}; using those"
         )
 
-    data_hp = {name: _data_hparams(path) for name, path in ckpts.items()}
-    resize = str(data_hp["good"].get("resize", "nearest"))
-    rescale = float(data_hp["good"].get("rescale", 1.0 / 255.0))
-    bad_pre = (data_hp["bad"].get("resize", resize), data_hp["bad"].get("rescale", rescale))
-    if data_hp["bad"] and bad_pre != (resize, rescale):
+    # Each checkpoint's own evaluation preprocessing (what its test run saw); the
+    # good run's is used for both models, and a difference is reported.
+    pre: dict[str, Preprocess] = {}
+    for name, path in ckpts.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pre[name] = Preprocess.from_hparams(
+                _data_hparams(path), image_size=size, source=f"the {name} checkpoint"
+            )
+        for w in caught:
+            note(str(w.message))
+    if pre["bad"] != pre["good"]:
         note(
-            f"the runs preprocess differently (good: resize={resize}, rescale={rescale:g}; "
-            f"bad: resize={bad_pre[0]}, rescale={float(bad_pre[1]):g}); both models get the "
-            "good run's images"
+            f"the runs preprocess differently (good: {pre['good'].describe()}; bad: "
+            f"{pre['bad'].describe()}); both models get the good run's images"
         )
+    resize, rescale = pre["good"].resize, pre["good"].rescale
     loaded, skipped = load_inputs(
-        [Path(p) for p, _ in chosen], size, resize, [label for _, label in chosen]
+        [Path(p) for p, _ in chosen], pre["good"], [label for _, label in chosen]
     )
     if not loaded:
         raise UserError(
@@ -602,7 +718,7 @@ def run_compare(
         )
     if skipped:
         notes.append(f"skipped {len(skipped)} unreadable test image(s)")
-    images = torch.stack([t for _, t, _ in loaded]) * (rescale * 255.0)
+    images = torch.stack([t for _, t, _ in loaded])
     labels = torch.tensor([int(label) for _, _, label in loaded])
     paths = [str(p) for p, _, _ in loaded]
 
@@ -614,10 +730,12 @@ def run_compare(
             images,
             batch_size,
             deletion_steps,
-            baseline,
+            deletion_baseline,
             seed,
             faithfulness_layers,
             desc=f"measuring {name}",
+            insertion_baseline=insertion_baseline,
+            score=score,
         )
     layers = results["good"]["layers"]
     if results["bad"]["layers"] != layers:  # pragma: no cover - both are VGG16
@@ -632,7 +750,7 @@ def run_compare(
         i for i in range(len(loaded)) if int(labels[i]) == 1
     ][:show_per_class]
 
-    with staged_dir(out) as stage_dir:
+    with output_dir(out, "compare") as stage_dir:
         figdir = stage_dir / "figures"
         figdir.mkdir()
         sections = _build_sections(
@@ -648,6 +766,7 @@ def run_compare(
             show,
             size,
             dev,
+            score,
         )
         intro = [
             Para(
@@ -661,11 +780,15 @@ def run_compare(
         write_text(stage_dir / "report.html", render_html(title, intro, sections, stage_dir))
         write_text(stage_dir / "report.md", render_markdown(title, intro, sections))
         measures = {
-            "good": {
-                "checkpoint": str(ckpts["good"].resolve()),
-                "run_dir": str(runs["good"].run_dir),
+            **{
+                n: {
+                    "checkpoint": str(ckpts[n].resolve()),
+                    "run_dir": str(runs[n].run_dir),
+                    "checkpoint_epoch": runs[n].ckpt_epoch,
+                    "checkpoint_step": runs[n].ckpt_step,
+                }
+                for n in ("good", "bad")
             },
-            "bad": {"checkpoint": str(ckpts["bad"].resolve()), "run_dir": str(runs["bad"].run_dir)},
             "settings": {
                 "split_file": str(split.resolve()),
                 "n_per_class": n_per_class,
@@ -673,12 +796,15 @@ def run_compare(
                 "input_size": size,
                 "resize": resize,
                 "rescale": rescale,
+                "preprocess": pre["good"].describe(),
                 "device": str(dev),
                 "batch_size": batch_size,
-                "deletion_steps": deletion_steps,
-                "baseline": baseline,
+                "deletion_steps": results["good"]["faithfulness"]["steps"],
+                "deletion_baseline": deletion_baseline,
+                "insertion_baseline": insertion_baseline,
                 "seed": seed,
                 "gradcam_target": TARGET,
+                "score": score,
                 "stage": STAGE,
                 "faithfulness_layers": faithfulness_layers,
             },
@@ -729,6 +855,7 @@ def _build_sections(
     show: Sequence[int],
     size: int,
     dev: torch.device,
+    score: Score = "logit",
 ) -> list[Section]:
     from lightning_vgg.explain.plots import atlas_comparison, feature_comparison
     from lightning_vgg.explain.run import image_maps, normalise_maps
@@ -753,7 +880,7 @@ def _build_sections(
             Table(
                 ["", *names],
                 [
-                    ["checkpoint", *[f"`{runs[n].ckpt}`" for n in names]],
+                    ["checkpoint", *[checkpoint_words(runs[n]) for n in names]],
                     [
                         "accuracy on the measured images",
                         *[_num(accuracy[n], "pct") for n in names],
@@ -762,7 +889,8 @@ def _build_sections(
             ),
             Para(
                 f"Grad-CAM in the measures explains each image's predicted class "
-                f"(`target={TARGET}`); feature maps are taken after the ReLU. The figures "
+                f"(`target={TARGET}`), differentiating its {_score_words(score)} "
+                f"(`score={score}`); feature maps are taken after the ReLU. The figures "
                 "show both classes."
             ),
         ],
@@ -809,9 +937,17 @@ def _build_sections(
     if any(runs[n].rows for n in names):
         curves_blocks.append(
             Image(
-                fig(history_comparison({n: runs[n].rows for n in names}), "history.png"),
+                fig(
+                    history_comparison(
+                        {n: runs[n].rows for n in names},
+                        {n: runs[n].ckpt_epoch for n in names},
+                    ),
+                    "history.png",
+                ),
                 "learning curves of both runs",
-                "Accuracy and loss per epoch; train solid, validation dashed.",
+                "Accuracy and loss per epoch; train solid, validation dashed; the "
+                "dotted vertical line in each run's colour marks the epoch of the "
+                "checkpoint that is compared.",
             )
         )
     for n in names:
@@ -829,7 +965,9 @@ def _build_sections(
         y = [int(labels[i]) for i in show]
         names_img = [Path(paths[i]).name for i in show]
         maps = {
-            n: image_maps(models[n], x.to(dev), names_img, y, stage=STAGE, keep_activations=True)
+            n: image_maps(
+                models[n], x.to(dev), names_img, y, stage=STAGE, keep_activations=True, score=score
+            )
             for n in names
         }
         scale = shared_scale(
@@ -851,8 +989,9 @@ def _build_sections(
         )
         cam_blocks.append(
             Para(
-                f"Grad-CAM of every layer for the dog and the cat score, both models on one "
-                f"absolute scale: 1.0 on the colour bar is {scale:.3g} logit per input pixel "
+                f"Grad-CAM of every layer for the dog score ({score_label(score, 'dog')}) and "
+                f"the cat score ({score_label(score, 'cat')}), both models on one absolute "
+                f"scale: 1.0 on the colour bar is {scale:.3g} {_unit(score)} per input pixel "
                 "(the 99th percentile of all non-zero maps shown here, both models), so weak "
                 'evidence looks weak. "all-zero map" marks layers with no evidence at all '
                 "for that class."
@@ -882,7 +1021,7 @@ def _build_sections(
                 maps["good"][k].image,
                 rows,
                 title=caption,
-                colorbar_label=f"× {scale:.3g} logit / pixel",
+                colorbar_label=f"× {scale:.3g} {_unit(score)} / pixel",
             )
             cam_blocks.append(
                 Image(fig(a, f"gradcam_{stem}.png"), f"Grad-CAM atlas, {caption}", caption)
@@ -1034,11 +1173,15 @@ def _build_sections(
         [
             Para(
                 f"Pixels are removed (deletion) or revealed (insertion) in the order of the "
-                f"Grad-CAM of the predicted class, {fa0['steps']} steps, removed pixels "
-                f"replaced by the `{fa0['baseline']}` baseline; the curve follows the "
-                "probability of the predicted class. A faithful map has a lower deletion "
-                "and a higher insertion area than a random pixel order (same random orders "
-                "for both models). Mean ± std over images."
+                f"Grad-CAM of the predicted class, in {fa0['steps']} equal steps, as RISE "
+                "(Petsiuk et al. 2018) defines the game: deleted pixels become the "
+                f"`{fa0['deletion_baseline']}` baseline, insertion starts from the "
+                f"`{fa0['insertion_baseline']}` baseline (RISE: zero = black, and RISE's "
+                "blur); the curve follows the probability of the predicted class and the "
+                "area is the trapezoid rule over the fraction of pixels (0 to 1). A "
+                "faithful map has a lower deletion and a higher insertion area than a "
+                "random pixel order (same random orders for both models). Mean ± std over "
+                "images."
             ),
             Table(
                 [

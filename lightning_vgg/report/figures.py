@@ -15,6 +15,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 #: Colours of the runs, in order (matplotlib's first two defaults, then more).
 RUN_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
@@ -33,12 +34,22 @@ def _finite(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def history_comparison(runs: Mapping[str, Sequence[Mapping[str, float]]]) -> Figure:
+#: The one epoch convention of every figure: 0-based, as metrics.csv, the checkpoints
+#: and visualizations/epoch_XXX count.
+EPOCH_LABEL = "epoch (0-based, as in metrics.csv)"
+
+
+def history_comparison(
+    runs: Mapping[str, Sequence[Mapping[str, float]]],
+    chosen: Mapping[str, int | None] | None = None,
+) -> Figure:
     """Accuracy and loss against epoch for several runs (train solid, val dashed).
 
     Args:
         runs: ``run name -> metrics.csv rows`` (as
             :func:`lightning_vgg.report.history.read_metrics_csv` returns them).
+        chosen: ``run name -> epoch`` (0-based, as in metrics.csv) of the checkpoint
+            being compared, drawn as a dotted vertical line in the run's colour.
     """
     fig = _figure(12, 4.2)
     axes = fig.subplots(1, 2)
@@ -47,7 +58,7 @@ def history_comparison(runs: Mapping[str, Sequence[Mapping[str, float]]]) -> Fig
             for stage, style in (("train", "-"), ("val", "--")):
                 key = f"{stage}/{kind}"
                 pts = [
-                    (int(r["epoch"]) + 1, float(r[key]))
+                    (int(r["epoch"]), float(r[key]))
                     for r in rows
                     if "epoch" in r and _finite(r.get(key)) is not None
                 ]
@@ -61,7 +72,18 @@ def history_comparison(runs: Mapping[str, Sequence[Mapping[str, float]]]) -> Fig
                         label=f"{name} {stage}",
                         marker="." if len(pts) < 30 else None,
                     )
-        ax.set_xlabel("epoch")
+        for (name, _), colour in zip(runs.items(), RUN_COLOURS, strict=False):
+            epoch = (chosen or {}).get(name)
+            if epoch is not None:
+                ax.axvline(
+                    epoch,
+                    color=colour,
+                    linestyle=":",
+                    linewidth=1.5,
+                    label=f"{name} checkpoint (epoch {epoch})",
+                )
+        ax.set_xlabel(EPOCH_LABEL)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("accuracy" if kind == "acc" else "loss")
         ax.set_title("Accuracy" if kind == "acc" else "Loss")
         ax.grid(alpha=0.3)
@@ -128,7 +150,8 @@ def deletion_insertion_curves(
         curves: ``run name -> {"fractions": [...], "gradcam": {"deletion": [...],
             "insertion": [...]}, "random": {...}}``, mean probability curves.
         layer: The conv layer whose Grad-CAM ordered the pixels (for the title).
-        baseline: What removed pixels were replaced by (for the title).
+        baseline: What removed pixels were replaced by, e.g. ``deletion → zero,
+            insertion → blur`` (for the title).
     """
     fig = _figure(11, 4)
     axes = fig.subplots(1, 2)
@@ -144,5 +167,5 @@ def deletion_insertion_curves(
         ax.set_title(f"{kind.capitalize()} ({better} area is better)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Faithfulness of {layer} Grad-CAM ({baseline} baseline)", fontsize=11)
+    fig.suptitle(f"Faithfulness of {layer} Grad-CAM (baselines: {baseline})", fontsize=11)
     return fig

@@ -124,9 +124,10 @@ def plot_history(rows: Sequence[Mapping[str, float]], title: str = "") -> Any:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    epochs = [int(r["epoch"]) + 1 for r in rows]
+    epochs = [int(r["epoch"]) for r in rows]  # 0-based, as metrics.csv
     for ax, kind in zip(axes, ("acc", "loss"), strict=True):
         for stage, style in (("train", "-"), ("val", "--")):
             key = f"{stage}/{kind}"
@@ -138,7 +139,8 @@ def plot_history(rows: Sequence[Mapping[str, float]], title: str = "") -> Any:
                     label=f"{stage} {kind}",
                     marker="." if len(pts) < 30 else None,
                 )
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epoch (0-based, as in metrics.csv)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("accuracy" if kind == "acc" else "loss")
         ax.set_title(f"{'Accuracy' if kind == 'acc' else 'Loss'}{' — ' + title if title else ''}")
         ax.grid(alpha=0.3)
