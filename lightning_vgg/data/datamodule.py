@@ -37,8 +37,9 @@ from lightning_vgg.data.sources import (
 )
 from lightning_vgg.data.split import make_split, read_split_csv, write_split_csv
 from lightning_vgg.errors import UserError
+from lightning_vgg.labels import SplitRow
 
-Row = tuple[str, int, str]
+Row = SplitRow
 SPLITS = ("train", "val", "test")
 
 
@@ -171,7 +172,7 @@ class CatsDogsDataModule(pl.LightningDataModule):
         root, items = self._index()
         self.root = root
         rows = make_split(items, tuple(hp.split_sizes), seed=hp.seed)
-        return [(str((root / p).resolve()), label, split) for p, label, split in rows]
+        return [SplitRow(str((root / p).resolve()), label, split) for p, label, split in rows]
 
     def setup(self, stage: str | None = None) -> None:
         """Build (or load) the split and write ``split.csv`` to the run's log dir."""
@@ -241,7 +242,7 @@ class CatsDogsDataModule(pl.LightningDataModule):
                 keep += [cls[i] for i in pick]
             rows = keep
         if hp.flip_labels:
-            rows = [(p, 1 - label, s) for p, label, s in rows]
+            rows = [r._replace(label=1 - r.label) for r in rows]
         return rows
 
     # ------------------------------------------------------------------ loaders

@@ -38,12 +38,12 @@ from lightning_vgg.data import decode
 from lightning_vgg.data.decode import IMAGE_SUFFIXES
 from lightning_vgg.errors import UserError
 from lightning_vgg.fileio import atomic_open
+from lightning_vgg.labels import CLASS_NAMES, label_from_folder, label_from_name
 
 DEFAULT_URL = (
     "https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/"
     "kagglecatsanddogs_5340.zip"
 )
-CLASS_NAMES = ("cat", "dog")  # index = label, as in the Keras experiment
 
 # Download behaviour; module-level so tests (and impatient users) can shrink them.
 DOWNLOAD_RETRIES = 3
@@ -65,8 +65,6 @@ MAX_ARCHIVE_MEMBERS = 200_000
 KNOWN_SHA256: dict[str, str] = {}
 
 MAX_DEPTH = 3  # folders this far below the root are searched for a layout
-_CLASS_DIRS = {"cat": 0, "cats": 0, "dog": 1, "dogs": 1}
-_KAGGLE_NAME = re.compile(r"^(cat|dog)[._-]", re.IGNORECASE)
 # macOS zip debris and Kaggle's unlabelled test set are never training data.
 _SKIP_DIRS = {"__macosx", "test1"}
 _MARKER = ".complete"
@@ -504,14 +502,13 @@ def find_images(root: str | os.PathLike[str]) -> list[tuple[str, int]]:
             if entry.is_dir():
                 if _skip_dir(entry.name):
                     continue
-                label = _CLASS_DIRS.get(entry.name.lower())
+                label = label_from_folder(entry.name)
                 if label is not None:
                     for path in _images_below(entry.path):
                         found.setdefault(Path(os.path.relpath(path, root)).as_posix(), label)
                 elif depth < MAX_DEPTH:
                     queue.append((entry.path, depth + 1))
-            elif _is_image_name(entry.name) and (match := _KAGGLE_NAME.match(entry.name)):
-                label = CLASS_NAMES.index(match.group(1).lower())
+            elif _is_image_name(entry.name) and (label := label_from_name(entry.name)) is not None:
                 found.setdefault(Path(os.path.relpath(entry.path, root)).as_posix(), label)
     # A name that is not valid UTF-8 (Python keeps its bytes as surrogates) cannot be
     # written to split.csv or the scan cache: leave such files out, with one warning.

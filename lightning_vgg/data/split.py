@@ -13,6 +13,7 @@ import numpy as np
 
 from lightning_vgg.errors import UserError
 from lightning_vgg.fileio import write_csv
+from lightning_vgg.labels import SplitRow
 
 SPLITS = ("train", "val", "test")
 LABELS = (0, 1)  # cat, dog
@@ -155,7 +156,7 @@ def write_split_csv(path: str | os.PathLike[str], rows: Sequence[tuple[str, int,
     write_csv(path, CSV_HEADER, rows)
 
 
-def read_split_csv(path: str | os.PathLike[str]) -> list[tuple[str, int, str]]:
+def read_split_csv(path: str | os.PathLike[str]) -> list[SplitRow]:
     """Load a split written by ``write_split_csv`` (or by hand), checking every row.
 
     A hand-edited file is a likely input, so problems are reported with the line
@@ -175,7 +176,7 @@ def read_split_csv(path: str | os.PathLike[str]) -> list[tuple[str, int, str]]:
                     f"bad header in split file {target}: expected {','.join(CSV_HEADER)}, "
                     f"got {','.join(header) if header else 'an empty file'}"
                 )
-            rows: list[tuple[str, int, str]] = []
+            rows: list[SplitRow] = []
             seen: set[str] = set()
             for record in reader:
                 if not record:
@@ -193,7 +194,7 @@ def read_split_csv(path: str | os.PathLike[str]) -> list[tuple[str, int, str]]:
                 if file in seen:
                     raise UserError(f"{where}: duplicate path {file}")
                 seen.add(file)
-                rows.append((file, int(label_text), split))
+                rows.append(SplitRow(file, int(label_text), split))
     except FileNotFoundError as exc:
         raise UserError(f"split file not found: {target}") from exc
     except (OSError, UnicodeDecodeError, csv.Error) as exc:

@@ -23,6 +23,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from lightning_vgg.labels import CLASS_NAMES
+
 __all__ = [
     "OVERLAY_ALPHA",
     "atlas_comparison",
@@ -42,7 +44,6 @@ GRID_CELL_MAX = 112
 OVERLAY_ALPHA = 0.45
 #: Text drawn instead of a heat map when the map is all zero.
 ZERO_FLAG = "all-zero map"
-CLASS_NAMES = ("cat", "dog")
 
 
 def _np(x: Any) -> np.ndarray:

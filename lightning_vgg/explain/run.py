@@ -39,10 +39,10 @@ from lightning_vgg.explain.plots import (
     overlay_label,
 )
 from lightning_vgg.fileio import save_figure
+from lightning_vgg.labels import CLASS_NAMES, label_from_path
 from lightning_vgg.models.module import VGGClassifier
 
 Normalize = Literal["per_map", "shared"]
-CLASS_NAMES = ("cat", "dog")
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -102,21 +102,6 @@ def _model_from(
         ) from exc
     dev = pick_device(device) if isinstance(device, str) else device
     return model.to(dev).eval()
-
-
-def label_from_path(path: str | Path) -> int | None:
-    """Guess the true label from a Kaggle name (``cat.1.jpg``) or a class folder."""
-    p = Path(path)
-    m = re.match(r"^(cat|dog)s?[._\-]", p.name.lower())
-    if m:
-        return CLASS_NAMES.index(m.group(1))
-    for part in reversed(p.parent.parts[-3:]):
-        low = part.lower()
-        if low in ("cat", "cats"):
-            return 0
-        if low in ("dog", "dogs"):
-            return 1
-    return None
 
 
 def collect_images(paths: Sequence[str | Path]) -> list[Path]:
