@@ -14,6 +14,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_vgg.errors import UserError
+from lightning_vgg.explain.atlas import check_score
 from lightning_vgg.fileio import save_figure, write_json
 from lightning_vgg.report.history import (
     METRIC_COLUMNS,
@@ -322,12 +323,6 @@ class FiniteLossGuard(Callback):
         )
 
 
-def _check_score(score: str) -> Literal["logit", "probability"]:
-    if score not in ("logit", "probability"):
-        raise UserError(f"score must be logit or probability, got {score!r}")
-    return score  # type: ignore[return-value]
-
-
 class _ProbeCallback(Callback):
     """Shared plumbing of the visualisation callbacks: fixed probes, when and where.
 
@@ -424,19 +419,9 @@ class FeatureMapCallback(_ProbeCallback):
     def figures(
         self, pl_module: pl.LightningModule, x: torch.Tensor, y: torch.Tensor, paths: list[str]
     ) -> list[tuple[str, Any]]:
-        from lightning_vgg.explain.atlas import compute_atlas
-        from lightning_vgg.explain.plots import feature_map_grid, feature_overview
+        from lightning_vgg.explain.probes import feature_figures
 
-        atlas = compute_atlas(pl_module, x, stage=self.stage, cams=False)
-        figs: list[tuple[str, Any]] = []
-        for i, path in enumerate(paths):
-            stem = f"{'cat' if int(y[i]) == 0 else 'dog'}{i}_{Path(path).stem}"
-            acts = {k: v[i] for k, v in atlas.activations.items()}
-            figs.append((f"{stem}_overview", feature_overview(acts)))
-            figs += [
-                (f"{stem}_{k}", feature_map_grid(v, k, self.max_channels)) for k, v in acts.items()
-            ]
-        return figs
+        return feature_figures(pl_module, x, y, paths, self.stage, self.max_channels)
 
 
 class GradCAMCallback(_ProbeCallback):
@@ -465,26 +450,14 @@ class GradCAMCallback(_ProbeCallback):
     ) -> None:
         super().__init__(every_n_epochs, per_class, log_to_logger)
         self.normalize = normalize
-        self.score = _check_score(score)
+        self.score = check_score(score)
 
     def figures(
         self, pl_module: pl.LightningModule, x: torch.Tensor, y: torch.Tensor, paths: list[str]
     ) -> list[tuple[str, Any]]:
-        from lightning_vgg.explain.plots import atlas_figure
-        from lightning_vgg.explain.run import image_maps, normalise_maps, title_of
+        from lightning_vgg.explain.probes import gradcam_figures
 
-        names = [Path(p).name for p in paths]
-        maps = image_maps(
-            pl_module, x, names, [int(v) for v in y], keep_activations=False, score=self.score
-        )
-        normalise_maps(maps, self.normalize)
-        return [
-            (
-                f"{'cat' if m.label == 0 else 'dog'}{i}_{Path(paths[i]).stem}_atlas",
-                atlas_figure(m.image, m.dog, m.cat, m.zero_dog, m.zero_cat, title=title_of(m)),
-            )
-            for i, m in enumerate(maps)
-        ]
+        return gradcam_figures(pl_module, x, y, paths, self.normalize, self.score)
 
 
 class MisclassificationGallery(Callback):
@@ -516,7 +489,7 @@ class MisclassificationGallery(Callback):
     ) -> None:
         self.k = k
         self.layer = layer
-        self.score = _check_score(score)
+        self.score = check_score(score)
         self._logits: list[torch.Tensor] = []
         self._keys: list[torch.Tensor] = []
 
@@ -550,50 +523,20 @@ class MisclassificationGallery(Callback):
         keys = torch.cat([s[1] for s in shares])
         if not len(keys):
             return
-        from lightning_vgg.explain.atlas import compute_atlas, normalize_per_map, upsample
-        from lightning_vgg.explain.plots import gallery_figure, overlay_label
+        from lightning_vgg.explain.gallery import confident_mistakes, mistakes_figure
 
         rows = dm.split_rows("test")
         labels = torch.tensor([rows[int(k)][1] for k in keys])
-        prob = torch.sigmoid(logits)
-        pred = (prob >= 0.5).long()
-        conf = torch.where(pred == 1, prob, 1 - prob)
         run_dir = run_dir_of(trainer) or Path(local_log_dir(trainer) or ".")
         listing: dict[str, list[dict[str, Any]]] = {}
-        for cls, cname in enumerate(("cat", "dog")):
-            wrong = torch.nonzero((labels == cls) & (pred != cls)).flatten()
-            top = wrong[torch.argsort(conf[wrong], descending=True)][: self.k]
-            paths = [rows[int(keys[i])][0] for i in top]
+        for cls, (cname, found) in enumerate(confident_mistakes(logits, labels, self.k).items()):
+            paths = [rows[int(keys[m.index])][0] for m in found]
             listing[cname] = [
-                {"image": p, "prob_dog": float(prob[i]), "confidence": float(conf[i])}
-                for p, i in zip(paths, top.tolist(), strict=True)
+                {"image": p, "prob_dog": m.prob_dog, "confidence": m.confidence}
+                for p, m in zip(paths, found, strict=True)
             ]
-            images = maps01 = None
-            captions: list[str] = []
-            if paths:
-                x, _, _ = dm.probe_from_paths(paths)
-                atlas = compute_atlas(
-                    pl_module,
-                    x,
-                    target="pred",
-                    layers=[self.layer],
-                    activations=False,
-                    score=self.score,
-                )
-                cam = upsample(atlas.cams[self.layer], tuple(x.shape[-2:]))
-                maps01 = normalize_per_map(cam)[0][:, 0].cpu()
-                images = x.cpu()
-                captions = [
-                    f"{Path(p).name}\n{overlay_label(float(prob[i]), cls)}"
-                    for p, i in zip(paths, top.tolist(), strict=True)
-                ]
-            fig = gallery_figure(
-                images,
-                maps01,
-                captions,
-                f"true {cname}s most confidently called {'dog' if cls == 0 else 'cat'} "
-                f"(Grad-CAM of {self._score_name(1 - cls)}, {self.layer})",
-            )
+            x = dm.probe_from_paths(paths)[0] if paths else None
+            fig = mistakes_figure(pl_module, x, paths, found, cls, self.layer, self.score)
             save_figure(fig, run_dir / f"misclassified_{cname}.png")
         write_json(
             run_dir / "misclassified.json",
@@ -602,9 +545,9 @@ class MisclassificationGallery(Callback):
 
     def _score_name(self, pred: int) -> str:
         """The differentiated score of the predicted class ``pred`` (cat 0, dog 1)."""
-        if self.score == "probability":
-            return "P(dog)" if pred == 1 else "P(cat)"
-        return "+logit" if pred == 1 else "−logit"
+        from lightning_vgg.explain.gallery import score_name
+
+        return score_name(self.score, pred)
 
 
 class PredictionCSV(BasePredictionWriter):

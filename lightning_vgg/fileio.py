@@ -8,14 +8,32 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from lightning_vgg.errors import UserError
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+#: The process's umask, once read (see :func:`_umask`); tests may set it directly.
+_UMASK: int | None = None
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process's umask, read on first use and kept.
+
+    ``os.umask`` can only be read by setting it, so the read sets 0 and puts the old
+    value back; the lock keeps two threads from reading each other's 0, and the
+    read happens once, not at import and not per file.
+    """
+    global _UMASK
+    with _UMASK_LOCK:
+        if _UMASK is None:
+            current = os.umask(0)
+            os.umask(current)
+            _UMASK = current
+        return _UMASK
 
 
 @contextlib.contextmanager
@@ -37,7 +55,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         # mkstemp makes 0600 files; give results the usual umask-based mode.
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -297,7 +315,7 @@ def output_dir(path: str | os.PathLike[str], command: str) -> Iterator[Path]:
         stage = Path(
             tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
         )
-        os.chmod(stage, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders
+        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
     except OSError as exc:
         raise UserError(f"cannot write to {target.parent}: {exc.strerror or exc}") from exc
     moving = False

@@ -12,6 +12,8 @@ from torch import nn
 
 from lightning_vgg.errors import UserError
 from lightning_vgg.explain import atlas as A
+from lightning_vgg.explain import hooks as H
+from lightning_vgg.explain import normalize as N
 from lightning_vgg.models.vgg import VGG16, keras_conv_names
 
 SIZE = 64
@@ -94,21 +96,21 @@ def test_gradcam_matches_captum_on_all_layers(
     batch = small_batch
     net = make_net(inplace=inplace, bn=bn, size=SMALL)
     centre_logits(net, batch)
-    dog = A.compute_atlas(net, batch, target="dog", stage=stage)  # type: ignore[arg-type]
-    cat = A.compute_atlas(net, batch, target="cat", stage=stage)  # type: ignore[arg-type]
+    dog = A.compute_atlas(net, batch, target="dog", tap=stage)  # type: ignore[arg-type]
+    cat = A.compute_atlas(net, batch, target="cat", tap=stage)  # type: ignore[arg-type]
     assert dog.layer_names == NAMES
     torch.testing.assert_close(dog.target_sign, torch.ones(4, dtype=torch.float64))
     torch.testing.assert_close(cat.target_sign, -torch.ones(4, dtype=torch.float64))
-    ref_acts = A.activations(net, batch, stage=stage)  # type: ignore[arg-type]
+    ref_acts = A.activations(net, batch, tap=stage)  # type: ignore[arg-type]
     nonzero_layers = 0
     for name in NAMES:
-        ref_dog = A.captum_gradcam(net, batch, name, 1.0, stage=stage)  # type: ignore[arg-type]
-        ref_cat = A.captum_gradcam(net, batch, name, -1.0, stage=stage)  # type: ignore[arg-type]
+        ref_dog = A.captum_gradcam(net, batch, name, 1.0, tap=stage)  # type: ignore[arg-type]
+        ref_cat = A.captum_gradcam(net, batch, name, -1.0, tap=stage)  # type: ignore[arg-type]
         assert dog.cams[name].shape == ref_dog.shape
         assert_map_close(dog.cams[name], ref_dog)
         assert_map_close(cat.cams[name], ref_cat)
         if inplace and bn == "every_conv":  # the signed maps once per stage is enough
-            signed = A.captum_gradcam(net, batch, name, 1.0, relu=False, stage=stage)  # type: ignore[arg-type]
+            signed = A.captum_gradcam(net, batch, name, 1.0, relu=False, tap=stage)  # type: ignore[arg-type]
             assert_map_close(dog.cams_signed[name], signed)
             assert_map_close(cat.cams_signed[name], -signed)
         # Feature maps from the same pass equal Captum's LayerActivation exactly.
@@ -154,8 +156,8 @@ def test_inplace_and_out_of_place_relu_agree(batch: torch.Tensor) -> None:
     b_net = make_net(seed=1, inplace=False)
     b_net.load_state_dict(a_net.state_dict())
     for stage in ("post", "pre", "conv"):
-        a = A.compute_atlas(a_net, batch, target="dog", stage=stage)  # type: ignore[arg-type]
-        b = A.compute_atlas(b_net, batch, target="dog", stage=stage)  # type: ignore[arg-type]
+        a = A.compute_atlas(a_net, batch, target="dog", tap=stage)  # type: ignore[arg-type]
+        b = A.compute_atlas(b_net, batch, target="dog", tap=stage)  # type: ignore[arg-type]
         for name in NAMES:
             torch.testing.assert_close(a.activations[name], b.activations[name], rtol=0, atol=0)
             torch.testing.assert_close(a.cams[name], b.cams[name], rtol=1e-12, atol=0)
@@ -178,7 +180,7 @@ def test_stored_reference_without_clone_would_be_wrong(batch: torch.Tensor) -> N
     finally:
         handle.remove()
     assert kept[0].min() >= 0  # the in-place ReLU overwrote it
-    good = A.compute_atlas(net, batch, stage="pre", layers=["block2_conv1"], cams=False)
+    good = A.compute_atlas(net, batch, tap="pre", layers=["block2_conv1"], cams=False)
     assert good.activations["block2_conv1"].min() < 0
 
 
@@ -285,18 +287,18 @@ def test_lightning_module_is_accepted(batch: torch.Tensor) -> None:
     assert at.layer_names == ["block1_conv1", "block5_conv3"]  # network order
     assert list(A.layer_units(module, "post", "block5_conv3")) == ["block5_conv3"]
     assert module.training and module.net.training
-    assert A.unwrap(module) is module.net
+    assert H.unwrap(module) is module.net
     torch.testing.assert_close(
         at.cams["block5_conv3"], A.captum_gradcam(module, batch[:2], "block5_conv3", -1.0)
     )
     with pytest.raises(TypeError):
-        A.unwrap(nn.Linear(2, 2))
+        H.unwrap(nn.Linear(2, 2))
 
 
 def test_hooks_removed_after_exceptions(batch: torch.Tensor) -> None:
     net = make_net()
     units = A.layer_units(net, "pre")
-    with pytest.raises(RuntimeError, match="boom"), A.capture_layers(net, units, keep_grad=False):
+    with pytest.raises(RuntimeError, match="boom"), H.capture_layers(net, units, keep_grad=False):
         assert _hook_count(net) == 13
         raise RuntimeError("boom")
     assert _hook_count(net) == 0
@@ -309,29 +311,29 @@ def test_hooks_removed_after_exceptions(batch: torch.Tensor) -> None:
     with (
         pytest.raises(RuntimeError, match="grad mode"),
         torch.no_grad(),
-        A.capture_layers(net, units, keep_grad=True),
+        H.capture_layers(net, units, keep_grad=True),
     ):
         net(batch)
     assert _hook_count(net) == 0
-    with pytest.raises(ValueError), A.capture_layers(net, {"x": nn.ReLU()}, keep_grad=False):
+    with pytest.raises(ValueError), H.capture_layers(net, {"x": nn.ReLU()}, keep_grad=False):
         pass
 
 
 def test_capture_layers_grad_and_detach(batch: torch.Tensor) -> None:
     net = make_net(inplace=True)
     units = A.layer_units(net, "pre", ["block3_conv1"])
-    with A.capture_layers(net, units, keep_grad=False) as store:
+    with H.capture_layers(net, units, keep_grad=False) as store:
         net(batch)
     assert not store["block3_conv1"].requires_grad
     x = batch.clone().requires_grad_(True)
-    with A.capture_layers(net, units, keep_grad=True) as store:
+    with H.capture_layers(net, units, keep_grad=True) as store:
         out = net(x)
     (g,) = torch.autograd.grad(out.sum(), [store["block3_conv1"]])
     # d logit / d (pre-ReLU) is zero wherever the ReLU clipped: the gradient is the
     # pre-ReLU one, not the post-ReLU tensor's that an in-place overwrite would give.
     ref_net = make_net(inplace=False)
     ref_units = A.layer_units(ref_net, "pre", ["block3_conv1"])
-    with A.capture_layers(ref_net, ref_units, keep_grad=True) as ref_store:
+    with H.capture_layers(ref_net, ref_units, keep_grad=True) as ref_store:
         ref_out = ref_net(batch.clone().requires_grad_(True))
     (ref_g,) = torch.autograd.grad(ref_out.sum(), [ref_store["block3_conv1"]])
     torch.testing.assert_close(g, ref_g, rtol=1e-12, atol=0)
@@ -352,7 +354,7 @@ def test_options_and_errors(batch: torch.Tensor) -> None:
     with pytest.raises(UserError, match="block9_conv1"):
         A.compute_atlas(net, batch, layers=["block9_conv1"])
     with pytest.raises(UserError):
-        A.compute_atlas(net, batch, stage="after")  # type: ignore[arg-type]
+        A.compute_atlas(net, batch, tap="after")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         A.compute_atlas(net, batch[0])
 
@@ -365,27 +367,27 @@ def test_normalize_per_map() -> None:
     cam = torch.rand(4, 1, 7, 7, generator=gen) * torch.tensor([1e-6, 1.0, 0.0, 30.0]).view(
         4, 1, 1, 1
     )
-    maps, zero = A.normalize_per_map(cam)
+    maps, zero = N.normalize_per_map(cam)
     assert zero.tolist() == [False, False, True, False]
     torch.testing.assert_close(maps.amax(dim=(1, 2, 3)), torch.tensor([1.0, 1.0, 0.0, 1.0]))
     assert (maps[2] == 0).all() and maps.min() >= 0
     torch.testing.assert_close(maps[3], cam[3] / cam[3].max())
     # Signed maps: negatives clipped first; an all-negative map is a zero map.
-    maps2, zero2 = A.normalize_per_map(torch.stack([-cam[1], cam[1] - 0.5]))
+    maps2, zero2 = N.normalize_per_map(torch.stack([-cam[1], cam[1] - 0.5]))
     assert zero2.tolist() == [True, False] and (maps2[0] == 0).all()
-    _, zero3 = A.normalize_per_map(cam, eps=1e-3)
+    _, zero3 = N.normalize_per_map(cam, eps=1e-3)
     assert zero3.tolist() == [True, False, True, False]
 
 
 @pytest.mark.parametrize("h", [2, 4, 8, 16, 32, 64])
 def test_density_preserves_sum(h: int) -> None:
     cam = torch.rand(3, 1, h, h, dtype=torch.float64, generator=torch.Generator().manual_seed(h))
-    dens = A.to_density(cam, SIZE)
+    dens = N.to_density(cam, SIZE)
     assert dens.shape == (3, 1, SIZE, SIZE)
     torch.testing.assert_close(dens.sum(dim=(1, 2, 3)), cam.sum(dim=(1, 2, 3)), rtol=1e-12, atol=0)
-    up = A.upsample(cam, (SIZE, SIZE))
+    up = N.upsample(cam, (SIZE, SIZE))
     torch.testing.assert_close(up.mean(dim=(1, 2, 3)), cam.mean(dim=(1, 2, 3)), rtol=1e-12, atol=0)
-    assert A.upsample(cam[0, 0], SIZE).shape == (SIZE, SIZE)
+    assert N.upsample(cam[0, 0], SIZE).shape == (SIZE, SIZE)
 
 
 def test_shared_scale_quantile_and_zero_guard() -> None:
@@ -396,18 +398,18 @@ def test_shared_scale_quantile_and_zero_guard() -> None:
     vals = torch.cat([a.flatten(), b.flatten()])
     vals = vals[vals > 0].double()
     for q in (0.0, 0.5, 0.99, 1.0):
-        assert A.shared_scale([a, b], q=q) == pytest.approx(
+        assert N.shared_scale([a, b], q=q) == pytest.approx(
             float(torch.quantile(vals, q)), rel=1e-12
         )
-    assert A.shared_scale([torch.zeros(3, 1, 4, 4)]) == 1.0
-    assert (A.normalize_shared(torch.zeros(3, 1, 4, 4), 1.0) == 0).all()
+    assert N.shared_scale([torch.zeros(3, 1, 4, 4)]) == 1.0
+    assert (N.normalize_shared(torch.zeros(3, 1, 4, 4), 1.0) == 0).all()
     with pytest.raises(ValueError):
-        A.shared_scale([a], q=1.5)
+        N.shared_scale([a], q=1.5)
     with pytest.raises(ValueError):
-        A.shared_scale([])
+        N.shared_scale([])
     with pytest.raises(ValueError):
-        A.normalize_shared(a, 0.0)
-    n = A.normalize_shared(torch.tensor([-1.0, 0.5, 2.0, 9.0]), 2.0)
+        N.normalize_shared(a, 0.0)
+    n = N.normalize_shared(torch.tensor([-1.0, 0.5, 2.0, 9.0]), 2.0)
     torch.testing.assert_close(n, torch.tensor([0.0, 0.25, 1.0, 1.0]))
 
 
@@ -420,17 +422,17 @@ def test_shared_scale_keeps_weak_evidence_weak(batch: torch.Tensor) -> None:
         weak.classifier[-1].bias.mul_(0.1)
     s_at = A.compute_atlas(strong, batch, target="dog")
     w_at = A.compute_atlas(weak, batch, target="dog")
-    s_dens = {n: A.to_density(s_at.cams[n], SIZE) for n in NAMES}
-    w_dens = {n: A.to_density(w_at.cams[n], SIZE) for n in NAMES}
-    scale = A.shared_scale([*s_dens.values(), *w_dens.values()])
+    s_dens = {n: N.to_density(s_at.cams[n], SIZE) for n in NAMES}
+    w_dens = {n: N.to_density(w_at.cams[n], SIZE) for n in NAMES}
+    scale = N.shared_scale([*s_dens.values(), *w_dens.values()])
     for name in NAMES:
-        s_shared = A.normalize_shared(s_dens[name], scale)
-        w_shared = A.normalize_shared(w_dens[name], scale)
+        s_shared = N.normalize_shared(s_dens[name], scale)
+        w_shared = N.normalize_shared(w_dens[name], scale)
         unclipped = s_shared < 1
         torch.testing.assert_close(w_shared[unclipped], 0.1 * s_shared[unclipped])
         # Per-map normalisation hides the difference entirely.
-        s_map, s_zero = A.normalize_per_map(s_at.cams[name])
-        w_map, w_zero = A.normalize_per_map(w_at.cams[name])
+        s_map, s_zero = N.normalize_per_map(s_at.cams[name])
+        w_map, w_zero = N.normalize_per_map(w_at.cams[name])
         torch.testing.assert_close(w_map, s_map)
         assert torch.equal(s_zero, w_zero)
     # Relative magnitudes between layers survive too (same scale for all of them).
@@ -438,6 +440,34 @@ def test_shared_scale_keeps_weak_evidence_weak(batch: torch.Tensor) -> None:
     ratio = float(last.max() / first.max())
     roomy = 2 * max(last.max().item(), first.max().item())  # nothing clipped
     shared_ratio = float(
-        A.normalize_shared(last, roomy).max() / A.normalize_shared(first, roomy).max()
+        N.normalize_shared(last, roomy).max() / N.normalize_shared(first, roomy).max()
     )
     assert shared_ratio == pytest.approx(ratio, rel=1e-9)
+
+
+def test_upsample_is_bilinear_without_corner_alignment() -> None:
+    """The Captum call behind upsample equals the F.interpolate it replaced, bit for bit."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(2)
+    for shape, size in [((3, 1, 7, 7), 224), ((2, 1, 14, 14), (56, 28)), ((5, 9), 20)]:
+        cam = torch.rand(shape, generator=gen)
+        hw = (size, size) if isinstance(size, int) else size
+        flat = cam.reshape(-1, 1, *cam.shape[-2:])
+        ref = F.interpolate(flat, size=hw, mode="bilinear", align_corners=False)
+        assert torch.equal(N.upsample(cam, size), ref.reshape(*cam.shape[:-2], *hw))
+
+
+def test_eval_mode_restores_mixed_flags_and_ignores_plain_functions() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1), nn.ReLU())
+    net.train()
+    net[1].eval()  # a frozen BatchNorm inside a training model
+    with H.eval_mode(net):
+        assert not any(m.training for m in net.modules())
+    assert [m.training for m in net.modules()] == [True, True, False, True]
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    with H.eval_mode(fn) as same:
+        assert same is fn

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,17 +18,20 @@ from lightning_vgg.data.augment import (
     AffineParams,
     AugmentConfig,
     keras_matrix,
-    keras_matrix_batch,
     pil_nearest_indices,
     resize_nearest_pil,
     sample_params,
-    sample_params_batch,
-    unbatch_params,
     warp_batch,
     warp_cv2,
     warp_matrices,
 )
 from lightning_vgg.errors import UserError
+from tests.augment_batch import (
+    keras_matrix_batch,
+    sample_params_batch,
+    unbatch_params,
+    warp_param_batch,
+)
 
 # Keras 3 still calls scipy.ndimage.interpolation.affine_transform.
 pytestmark = pytest.mark.filterwarnings(
@@ -188,7 +193,7 @@ def test_batch_equals_per_image(cat224: np.ndarray, dog_photo: Path) -> None:
     draws["flip"] = np.array([True, False, True, False])
     plist = unbatch_params(draws)
     assert len({p.theta for p in plist}) == 4
-    from_dict = warp_batch(batch, draws)
+    from_dict = warp_param_batch(batch, draws)
     from_list = warp_batch(batch, plist)
     torch.testing.assert_close(from_dict, from_list, atol=1e-3, rtol=0)
     for i, p in enumerate(plist):
@@ -278,3 +283,17 @@ def test_config_semantics() -> None:
     ):
         with pytest.raises(UserError):
             AugmentConfig(**bad)
+
+
+def test_opencv_threads_are_set_on_first_use_not_on_import() -> None:
+    """Importing the data package changes nothing; its first OpenCV call sets one thread."""
+    code = (
+        "import cv2, numpy as np\n"
+        "cv2.setNumThreads(3)\n"
+        "import lightning_vgg.data.datamodule\n"
+        "assert cv2.getNumThreads() == 3, cv2.getNumThreads()\n"
+        "from lightning_vgg.data.dataset import resize_nearest_array\n"
+        "resize_nearest_array(np.zeros((4, 4, 3), np.uint8), 2)\n"
+        "assert cv2.getNumThreads() == 1, cv2.getNumThreads()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

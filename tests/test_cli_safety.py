@@ -19,12 +19,14 @@ import pytest
 
 from lightning_vgg import __version__
 from lightning_vgg.checks import describe_range
-from lightning_vgg.cli import COMMANDS, main, one_line, require_checkpoint
+from lightning_vgg.cli import COMMANDS, main
 from lightning_vgg.data.datamodule import CatsDogsDataModule
 from lightning_vgg.data.sources import UnreadableImagesWarning, find_images, index_source
 from lightning_vgg.data.split import make_split, write_split_csv
 from lightning_vgg.errors import UserError
 from lightning_vgg.models.module import VGGClassifier
+from lightning_vgg.parse_errors import one_line
+from lightning_vgg.training import require_checkpoint
 from tests.conftest import ROOT, pick_images
 
 QUICK = str(ROOT / "configs" / "quick.yaml")

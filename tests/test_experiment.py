@@ -9,6 +9,8 @@ import pytest
 
 from lightning_vgg.checkpointing import read_checkpoint
 from lightning_vgg.cli import main
+from lightning_vgg.errors import UserError
+from lightning_vgg.report.experiment import run_experiment
 from tests.conftest import ROOT
 
 
@@ -56,3 +58,31 @@ def test_experiment_quick_compares_the_seeds_one_step_control(
     measures = json.loads((out / "report" / "measures.json").read_text())
     assert measures["bad"]["checkpoint"].endswith("last.ckpt")
     assert (measures["bad"]["checkpoint_epoch"], measures["bad"]["checkpoint_step"]) == (0, 1)
+
+
+def test_experiment_from_python_raises_user_error_not_system_exit(tmp_path: Path) -> None:
+    """Called from Python, a bad input is an exception the caller can handle, not an exit."""
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(UserError, match=r"missing\.yaml"):
+        run_experiment(good_config=str(missing), bad_config=str(missing), out=str(tmp_path / "x"))
+    assert not list((tmp_path / "x").rglob("*.ckpt"))
+
+
+def test_experiment_cli_reports_the_runs_bad_option_as_before(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Through ``main``, an option error of the inner fit still names fit's help."""
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "experiment",
+                f"--good_config={ROOT / 'configs' / 'quick.yaml'}",
+                f"--bad_config={ROOT / 'configs' / 'quick.yaml'}",
+                f"--out={tmp_path / 'exp'}",
+                '--overrides=["--trainer.max_epochz=1"]',
+            ]
+        )
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: ") and "max_epochz" in err[0]
+    assert err[-1] == "(see: lightning-vgg fit --help)"

@@ -77,7 +77,8 @@ def test_explain_maps_match_captum_run_separately(
     """``maps.npz`` holds the exact input and maps that Captum reproduces on its own."""
     from captum.attr import LayerGradCam
 
-    from lightning_vgg.explain.run import load_image, load_model
+    from lightning_vgg.data.preprocess import Preprocess
+    from lightning_vgg.models.loading import load_model
     from lightning_vgg.models.vgg import conv_units
 
     ckpt = tiny_checkpoint(tmp_path / "m.ckpt", seed=3)
@@ -106,7 +107,7 @@ def test_explain_maps_match_captum_run_separately(
     for rec, photo in zip(report["images"], (cat_photo, dog_photo), strict=True):
         data = np.load(out / rec["files"]["maps"])
         x = torch.from_numpy(data["input"])[None]
-        assert torch.equal(x[0], load_image(photo, 32))  # the exact model input
+        assert torch.equal(x[0], Preprocess(32).load(photo))  # the exact model input
         with torch.no_grad():
             assert float(data["logit"]) == float(net(x))
         for layer in LAYERS:
@@ -123,16 +124,16 @@ def test_explain_maps_match_captum_run_separately(
 def test_explain_captum_check_reports_a_disagreement(
     tmp_path: Path, cat_photo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import lightning_vgg.explain.run as run
+    import lightning_vgg.explain.maps as maps
 
-    real = run.signed_maps
+    real = maps.signed_maps
 
     def skewed(atlas):  # a 1% error in one layer, as a broken implementation would make
-        dog, cat = real(atlas)
-        dog["block4_conv2"] = dog["block4_conv2"] * 1.01
-        return dog, cat
+        out = real(atlas)
+        out["dog"]["block4_conv2"] = out["dog"]["block4_conv2"] * 1.01
+        return out
 
-    monkeypatch.setattr(run, "signed_maps", skewed)
+    monkeypatch.setattr(maps, "signed_maps", skewed)
     out = tmp_path / "e"
     with pytest.warns(UserWarning, match="differs from Captum.*block4_conv2"):
         main(
@@ -327,7 +328,7 @@ def test_callbacks_leave_mode_bn_stats_and_hooks_as_they_were(
 
 def test_collect_images_keeps_folder_order_and_drops_repeats(tmp_path: Path) -> None:
     from lightning_vgg.errors import UserError
-    from lightning_vgg.explain.run import collect_images
+    from lightning_vgg.explain.inputs import collect_images
 
     (tmp_path / "sub").mkdir()
     for name in ("b.jpg", "a.png", "notes.txt", "sub/c.JPG"):

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
 import pytest
 import torch
 from scipy.stats import spearmanr
 from torch import Tensor, nn
 
+from lightning_vgg.explain import faithfulness as faith
 from lightning_vgg.explain import measures as M
+from lightning_vgg.explain import sanity as S
 from lightning_vgg.models.vgg import VGG16
 
 # --------------------------------------------------------------------------- feature maps
@@ -115,7 +118,7 @@ def test_deletion_insertion_prefers_the_oracle_map() -> None:
     oracle[:, : size // 2, : size // 2] = 1.0
     anti = 1.0 - oracle
     res = {
-        name: M.deletion_insertion(
+        name: faith.deletion_insertion(
             model,
             images,
             sal,
@@ -127,7 +130,7 @@ def test_deletion_insertion_prefers_the_oracle_map() -> None:
         )
         for name, sal in {"oracle": oracle, "anti": anti}.items()
     }
-    res["random"] = M.random_deletion_insertion(
+    res["random"] = faith.random_deletion_insertion(
         model,
         images,
         1.0,
@@ -163,12 +166,12 @@ def test_deletion_insertion_sign_batching_and_baselines() -> None:
     sal = torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(2))
     model = QuadrantModel(size).train()
     sign = torch.tensor([1.0, -1.0])
-    big = M.deletion_insertion(
+    big = faith.deletion_insertion(
         model, images, sal, sign, steps=steps, deletion_baseline="mean", insertion_baseline="mean"
     )
     assert model.calls == 1  # 2 images x 2 curves x 4 steps fit in one forward pass
     assert model.training  # eval only for the call
-    small = M.deletion_insertion(
+    small = faith.deletion_insertion(
         model,
         images,
         sal,
@@ -182,28 +185,28 @@ def test_deletion_insertion_sign_batching_and_baselines() -> None:
         assert torch.allclose(big[key], small[key])
     assert torch.allclose(big["deletion_logit"][:, 0], model(images) * sign)
     assert torch.allclose(big["deletion_prob"], torch.sigmoid(big["deletion_logit"]))
-    blur = M.deletion_insertion(
+    blur = faith.deletion_insertion(
         model, images, sal, sign, steps=steps, deletion_baseline="blur", insertion_baseline="blur"
     )
     assert torch.isfinite(blur["insertion_auc"]).all()
     # all-zero saliency: deterministic raster order, same result twice
     flat = torch.zeros(n, size, size)
-    r1 = M.deletion_insertion(
+    r1 = faith.deletion_insertion(
         model, images, flat, sign, steps=steps, deletion_baseline="zero", insertion_baseline="zero"
     )
-    r2 = M.deletion_insertion(
+    r2 = faith.deletion_insertion(
         model, images, flat, sign, steps=steps, deletion_baseline="zero", insertion_baseline="zero"
     )
     assert torch.equal(r1["deletion_logit"], r2["deletion_logit"])
     with pytest.raises(ValueError, match="upsample"):
-        M.deletion_insertion(model, images, torch.zeros(n, 4, 4), sign)
+        faith.deletion_insertion(model, images, torch.zeros(n, 4, 4), sign)
 
 
 def test_gaussian_blur_keeps_constants_and_random_saliency_shape() -> None:
     const = torch.full((1, 3, 6, 6), 0.3)
-    assert torch.allclose(M.gaussian_blur(const, 2.0), const)
+    assert torch.allclose(faith.gaussian_blur(const, 2.0), const)
     gen = torch.Generator().manual_seed(3)
-    noise = M.random_saliency((2, 5, 5), gen)
+    noise = faith.random_saliency((2, 5, 5), gen)
     assert noise.shape == (2, 5, 5) and noise.min() >= 0 and noise.max() < 1
 
 
@@ -215,14 +218,38 @@ def test_spearman_matches_scipy_with_ties() -> None:
     a = torch.randint(0, 5, (4, 3, 7), generator=gen).float()  # many ties
     b = torch.randint(0, 5, (4, 3, 7), generator=gen).float()
     b[0] = a[0] * 2 + torch.rand(3, 7, generator=gen)  # a correlated pair
-    rho = M.spearman_rank_correlation(a, b)
+    rho = S.spearman_rank_correlation(a, b)
     expected = [spearmanr(a[i].flatten(), b[i].flatten()).statistic for i in range(4)]
     assert rho.tolist() == pytest.approx(expected, abs=1e-6)
-    assert M.spearman_rank_correlation(a, a).tolist() == pytest.approx([1.0] * 4)
+    assert S.spearman_rank_correlation(a, a).tolist() == pytest.approx([1.0] * 4)
     rev = -a
-    assert M.spearman_rank_correlation(a, rev).tolist() == pytest.approx([-1.0] * 4)
+    assert S.spearman_rank_correlation(a, rev).tolist() == pytest.approx([-1.0] * 4)
     const = torch.zeros(4, 3, 7)
-    assert M.spearman_rank_correlation(a, const).tolist() == [0.0] * 4
+    assert S.spearman_rank_correlation(a, const).tolist() == [0.0] * 4
+
+
+def test_spearman_agrees_with_torchmetrics_up_to_its_int32_limit() -> None:
+    """torchmetrics' spearman_corrcoef was the candidate replacement: equal to float32
+    rounding on maps up to 65,535 pixels, with ties and constant maps, but its int32
+    rank sums overflow on a longer run of ties, so ours stays (see its docstring)."""
+    from torchmetrics.functional import spearman_corrcoef
+
+    def theirs(a: Tensor, b: Tensor) -> Tensor:
+        return spearman_corrcoef(a.flatten(1).double().T, b.flatten(1).double().T).reshape(-1)
+
+    gen = torch.Generator().manual_seed(11)
+    for shape in [(4, 1, 7, 7), (3, 1, 28, 28), (2, 1, 224, 224)]:
+        a = torch.relu(torch.randn(shape, generator=gen))  # ReLU: ties at zero
+        b = torch.relu(torch.randn(shape, generator=gen) + 0.3 * a)
+        a[0] = 0.0  # constant: 0 in both
+        b[1] = b[1].round()  # heavy ties
+        ours = S.spearman_rank_correlation(a, b).double()
+        assert (ours - theirs(a, b)).abs().max() <= 1e-6, shape
+    a = torch.zeros(1, 1, 300, 300)
+    a[..., :10, :] = torch.rand(1, 1, 10, 300, generator=gen) + 1  # 87,000 tied zeros
+    b = a + 0.1 * torch.rand(a.shape, generator=gen)
+    expected = spearmanr(a.flatten(), b.flatten()).statistic
+    assert float(S.spearman_rank_correlation(a, b)[0]) == pytest.approx(expected, abs=1e-6)
 
 
 def test_randomized_copy_reinitialises_everything() -> None:
@@ -237,7 +264,7 @@ def test_randomized_copy_reinitialises_everything() -> None:
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng_before = torch.get_rng_state()
-    rand = M.randomized_copy(model, seed=7)
+    rand = S.randomized_copy(model, seed=7)
     assert torch.equal(torch.get_rng_state(), rng_before)
     assert not rand.training and model.training
     after = model.state_dict()
@@ -248,24 +275,60 @@ def test_randomized_copy_reinitialises_everything() -> None:
     for name, buf in rand.named_buffers():
         if name.endswith(("running_mean", "running_var")):
             assert not torch.equal(buf, model.get_buffer(name)), name
-    again = M.randomized_copy(model, seed=7)
+    again = S.randomized_copy(model, seed=7)
     assert all(
         torch.equal(x, y) for x, y in zip(rand.parameters(), again.parameters(), strict=True)
     )
-    other = M.randomized_copy(model, seed=8)
+    other = S.randomized_copy(model, seed=8)
     assert not torch.equal(next(rand.parameters()), next(other.parameters()))
 
 
 # --------------------------------------------------------------------------- summaries
 
 
+def layer_table(
+    per_layer: Mapping[str, Mapping[str, float]], layer_key: str = "layer"
+) -> list[dict[str, str | float | None]]:
+    """Rows for a report (test-only helper, moved from measures.py): one per layer, in the mapping's order.
+
+    Columns are ``layer_key`` followed by the union of all measure names in
+    first-seen order; a measure missing for a layer is ``None``.
+    """
+    columns: dict[str, None] = {}
+    for measures in per_layer.values():
+        columns.update(dict.fromkeys(measures))
+    return [
+        {layer_key: name, **{c: measures.get(c) for c in columns}}
+        for name, measures in per_layer.items()
+    ]
+
+
+def markdown_table(rows: Sequence[Mapping[str, object]], float_format: str = ".3f") -> str:
+    """A GitHub-flavoured Markdown table of :func:`layer_table` rows ("" for no rows)."""
+    if not rows:
+        return ""
+    columns = list(dict.fromkeys(c for row in rows for c in row))
+
+    def cell(v: object) -> str:
+        if v is None:
+            return ""
+        return format(v, float_format) if isinstance(v, float) else str(v)
+
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def test_layer_table_and_markdown() -> None:
-    rows = M.layer_table({"block1_conv1": {"a": 0.5}, "block1_conv2": {"a": 0.25, "b": 1.0}})
+    rows = layer_table({"block1_conv1": {"a": 0.5}, "block1_conv2": {"a": 0.25, "b": 1.0}})
     assert rows == [
         {"layer": "block1_conv1", "a": 0.5, "b": None},
         {"layer": "block1_conv2", "a": 0.25, "b": 1.0},
     ]
-    md = M.markdown_table(rows).splitlines()
+    md = markdown_table(rows).splitlines()
     assert md[0] == "| layer | a | b |"
     assert md[2] == "| block1_conv1 | 0.500 |  |"
-    assert M.markdown_table([]) == ""
+    assert markdown_table([]) == ""

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_vgg.data.datamodule import CatsDogsDataModule
 from lightning_vgg.data.dataset import ImageFiles
 from lightning_vgg.data.split import write_split_csv
-from lightning_vgg.explain.measures import deletion_insertion
+from lightning_vgg.explain.faithfulness import deletion_insertion
 from lightning_vgg.models.module import VGGClassifier
 from lightning_vgg.models.vgg import VGG16
 from lightning_vgg.report.history import SEED_RESULTS, SUMMARY_KEYS, summary_markdown

@@ -277,12 +277,12 @@ def error_line(capsys: pytest.CaptureFixture[str]) -> str:
 @pytest.fixture
 def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """Loading a model fails the test: refusals must come before any work."""
-    from lightning_vgg.explain import run as explain_run
+    from lightning_vgg.models import loading
 
     def boom(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the output folder was checked")
 
-    monkeypatch.setattr(explain_run, "read_checkpoint", boom)
+    monkeypatch.setattr(loading, "read_checkpoint", boom)
 
 
 @pytest.mark.usefixtures("no_model")
@@ -338,7 +338,7 @@ def test_explain_reruns_into_its_own_folder_and_keeps_foreign_files(
     m = read_manifest(out)
     assert m["command"] == "explain" and "explain.json" in m["files"]
     assert all((out / f).is_file() for f in m["files"])
-    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~fileio._UMASK
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~fileio._umask()
 
     (out / "my notes.txt").write_text("keep me")
     with pytest.raises(SystemExit):

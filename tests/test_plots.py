@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from lightning_vgg.explain import atlas as A
+from lightning_vgg.explain import normalize as N
 from lightning_vgg.explain import plots as P
 from lightning_vgg.fileio import save_figure
 from lightning_vgg.models.vgg import VGG16
@@ -94,9 +95,9 @@ def test_feature_overview(atlas: A.Atlas, tmp_path: Path) -> None:
 
 
 def test_gradcam_overlay_and_zero_flag(atlas: A.Atlas, photo: torch.Tensor, tmp_path: Path) -> None:
-    maps, zero = A.normalize_per_map(atlas.cams["block4_conv1"])
+    maps, zero = N.normalize_per_map(atlas.cams["block4_conv1"])
     assert not zero[0]  # a map with content, for the normal path
-    up = A.upsample(maps, SIZE)[0, 0]
+    up = N.upsample(maps, SIZE)[0, 0]
     label = "block4_conv1 | " + P.overlay_label(float(atlas.probs[0]), 0)
     fig = P.gradcam_overlay(photo, up, label, zero=bool(zero[0]))
     assert P.ZERO_FLAG not in _texts(fig)
@@ -114,9 +115,9 @@ def test_gradcam_overlay_and_zero_flag(atlas: A.Atlas, photo: torch.Tensor, tmp_
 
 
 def test_atlas_figure(atlas: A.Atlas, photo: torch.Tensor, tmp_path: Path) -> None:
-    dens = {n: A.to_density(atlas.cams[n], SIZE) for n in atlas.layer_names}
-    scale = A.shared_scale(list(dens.values()))
-    maps_dog = {n: A.normalize_shared(d, scale)[0, 0] for n, d in dens.items()}
+    dens = {n: N.to_density(atlas.cams[n], SIZE) for n in atlas.layer_names}
+    scale = N.shared_scale(list(dens.values()))
+    maps_dog = {n: N.normalize_shared(d, scale)[0, 0] for n, d in dens.items()}
     maps_cat = {n: torch.zeros(SIZE, SIZE) for n in atlas.layer_names}
     zero_cat = dict.fromkeys(atlas.layer_names, True)
     title = P.overlay_label(float(atlas.probs[0]), 0)

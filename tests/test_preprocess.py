@@ -126,7 +126,7 @@ def test_explain_prob_equals_predict(
     mini_zip: Path, tmp_path: Path, resize: str, backend: str
 ) -> None:
     """``explain`` reads the checkpoint's preprocessing: its P(dog) is predict's to 1e-6."""
-    from lightning_vgg.explain.run import load_model_and_preprocess
+    from lightning_vgg.models.loading import load_model_and_preprocess
 
     ckpt, csv_path = _fit_predict(
         mini_zip,

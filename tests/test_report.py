@@ -9,6 +9,7 @@ import math
 import re
 import shutil
 import subprocess
+from dataclasses import asdict
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -20,15 +21,14 @@ from PIL import Image
 from lightning_vgg.cli import main
 from lightning_vgg.errors import UserError
 from lightning_vgg.explain.measures import feature_map_measures
+from lightning_vgg.labels import SplitRow
 from lightning_vgg.models.module import VGGClassifier
-from lightning_vgg.report.compare import (
-    SECTION_IDS,
-    FeatureStats,
-    run_compare,
-    select_test_images,
-)
+from lightning_vgg.report.compare import run_compare
 from lightning_vgg.report.history import SUMMARY_KEYS
 from lightning_vgg.report.html import Cell, Para, Section, Table, fmt, render_html
+from lightning_vgg.report.measuring import FeatureStats
+from lightning_vgg.report.runs import select_test_images
+from lightning_vgg.report.sections import SECTION_IDS
 from tests.conftest import ROOT
 
 TINY = [
@@ -58,7 +58,7 @@ def test_feature_stats_match_the_whole_set() -> None:
     for part in (acts[:3], acts[3:4], acts[4:]):
         stats.update(part)
     whole = feature_map_measures(acts)
-    got = stats.result()
+    got = asdict(stats.result())
     assert got.keys() == whole.keys()
     for key, value in whole.items():
         assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
@@ -66,14 +66,14 @@ def test_feature_stats_match_the_whole_set() -> None:
 
 def test_image_choice_is_fixed_and_per_class() -> None:
     rows = [
-        (f"/d/{c}{i}.jpg", int(c == "d"), s)
+        SplitRow(f"/d/{c}{i}.jpg", int(c == "d"), s)
         for s in ("train", "test")
         for c in "cd"
         for i in range(5)
     ]
     picked = select_test_images(rows, 2)
     assert picked == [("/d/c0.jpg", 0), ("/d/c1.jpg", 0), ("/d/d0.jpg", 1), ("/d/d1.jpg", 1)]
-    assert select_test_images(rows, 99) == [(p, lab) for p, lab, s in rows if s == "test"]
+    assert select_test_images(rows, 99) == [(r.path, r.label) for r in rows if r.split == "test"]
 
 
 def test_html_is_self_contained_and_never_shows_nan(tmp_path: Path) -> None:

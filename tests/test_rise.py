@@ -19,8 +19,9 @@ from scipy.ndimage import convolve, gaussian_filter
 from torch import Tensor, nn
 
 from lightning_vgg.data.preprocess import Preprocess
-from lightning_vgg.explain import measures as M
-from lightning_vgg.explain.atlas import compute_atlas, upsample
+from lightning_vgg.explain import faithfulness as faith
+from lightning_vgg.explain.atlas import compute_atlas
+from lightning_vgg.explain.normalize import upsample
 from lightning_vgg.models.vgg import VGG16
 
 SIZE = 64
@@ -97,7 +98,7 @@ def test_deletion_insertion_is_rise_on_real_photos(
     images = pre.load_batch([cat_photo, dog_photo])
     atlas = compute_atlas(tiny, images, target="pred")
     saliency = upsample(atlas.cams["block4_conv3"], SIZE)[:, 0]
-    got = M.deletion_insertion(tiny, images, saliency, atlas.target_sign)  # RISE's defaults
+    got = faith.deletion_insertion(tiny, images, saliency, atlas.target_sign)  # RISE's defaults
     steps = math.ceil(SIZE * SIZE / 224)
     assert steps == 19 and got["deletion_prob"].shape == (2, steps + 1)
     worst = 0.0
@@ -131,11 +132,11 @@ def test_rise_blur_is_rises_kernel() -> None:
     rng = np.random.default_rng(1)
     for size in (224, 64, 32):
         img = rng.random((2, 3, size, size))
-        ours = M.rise_blur(torch.from_numpy(img)).numpy()
+        ours = faith.rise_blur(torch.from_numpy(img)).numpy()
         ref = np.stack([rise_blur_reference(x, 5 * size / 224) for x in img])
         assert np.abs(ours - ref).max() < 1e-12, size
     # at 224 px exactly RISE's gkern(11, 5)
-    k = M.rise_blur_kernel(5.0, 5).numpy()
+    k = faith.rise_blur_kernel(5.0, 5).numpy()
     assert np.abs(np.outer(k, k) - gkern(11, 5)).max() < 1e-15
 
 
@@ -148,7 +149,7 @@ def test_trapezoid_not_left_sum() -> None:
 
     images = torch.ones(1, 1, 4, 4)
     saliency = torch.arange(16.0).view(1, 4, 4)
-    res = M.deletion_insertion(
+    res = faith.deletion_insertion(
         Sum(), images, saliency, steps=4, deletion_baseline="zero", insertion_baseline="zero"
     )
     logit = res["deletion_logit"][0]
@@ -167,12 +168,12 @@ def test_defaults_steps_baselines_and_the_deprecated_alias(tiny: VGG16) -> None:
     gen = torch.Generator().manual_seed(2)
     images = torch.rand(2, 3, SIZE, SIZE, generator=gen)
     sal = torch.rand(2, SIZE, SIZE, generator=gen)
-    assert M.rise_steps(224, 224) == 224 and M.rise_steps(32, 32) == 5
-    shared = M.deletion_insertion(
+    assert faith.rise_steps(224, 224) == 224 and faith.rise_steps(32, 32) == 5
+    shared = faith.deletion_insertion(
         tiny, images, sal, steps=6, deletion_baseline="zero", insertion_baseline="zero"
     )
     # a tensor baseline takes the general path (both curves' end points evaluated)
-    general = M.deletion_insertion(
+    general = faith.deletion_insertion(
         tiny,
         images,
         sal,
@@ -183,14 +184,14 @@ def test_defaults_steps_baselines_and_the_deprecated_alias(tiny: VGG16) -> None:
     for key in ("deletion_logit", "insertion_logit", "deletion_auc", "insertion_auc"):
         torch.testing.assert_close(shared[key], general[key], rtol=0, atol=1e-6)
     with pytest.warns(DeprecationWarning, match="deletion_baseline"):
-        alias = M.deletion_insertion(tiny, images, sal, steps=6, baseline="zero")
+        alias = faith.deletion_insertion(tiny, images, sal, steps=6, baseline="zero")
     torch.testing.assert_close(alias["deletion_auc"], shared["deletion_auc"], rtol=0, atol=0)
-    rise = M.deletion_insertion(tiny, images, sal, steps=6)
+    rise = faith.deletion_insertion(tiny, images, sal, steps=6)
     torch.testing.assert_close(rise["deletion_logit"], shared["deletion_logit"], rtol=0, atol=0)
-    blurred = tiny(M.rise_blur(images)).detach()
+    blurred = tiny(faith.rise_blur(images)).detach()
     torch.testing.assert_close(rise["insertion_logit"][:, 0], blurred, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="baseline"):
-        M.deletion_insertion(tiny, images, sal, steps=2, insertion_baseline="noise")  # type: ignore[arg-type]
+        faith.deletion_insertion(tiny, images, sal, steps=2, insertion_baseline="noise")  # type: ignore[arg-type]
 
 
 def test_gaussian_baseline_is_torchvision_and_the_former_blur() -> None:
@@ -212,10 +213,10 @@ def test_gaussian_baseline_is_torchvision_and_the_former_blur() -> None:
     for size in (32, 64, 224):
         images = torch.rand(2, 3, size, size, generator=gen)
         sigma = 5 * size / 224
-        diff = (M.gaussian_blur(images, sigma) - former(images, sigma)).abs().max()
+        diff = (faith.gaussian_blur(images, sigma) - former(images, sigma)).abs().max()
         assert float(diff) < 2e-6, (size, float(diff))
         torch.testing.assert_close(
-            M.make_baseline(images, "gaussian"), M.gaussian_blur(images, sigma)
+            faith.make_baseline(images, "gaussian"), faith.gaussian_blur(images, sigma)
         )
     const = torch.full((1, 3, 6, 6), 0.3)
-    torch.testing.assert_close(M.gaussian_blur(const, 2.0), const)
+    torch.testing.assert_close(faith.gaussian_blur(const, 2.0), const)

@@ -42,8 +42,8 @@ def test_probability_gradcam_matches_captum_on_the_sigmoid(
     """Captum differentiates ``sigmoid(net(t))`` / ``1 - sigmoid(net(t))`` itself."""
     net, batch = net_and_batch
     units = conv_units(net, stage)  # type: ignore[arg-type]
-    dog = A.compute_atlas(net, batch, target="dog", stage=stage, score="probability")  # type: ignore[arg-type]
-    cat = A.compute_atlas(net, batch, target="cat", stage=stage, score="probability")  # type: ignore[arg-type]
+    dog = A.compute_atlas(net, batch, target="dog", tap=stage, score="probability")  # type: ignore[arg-type]
+    cat = A.compute_atlas(net, batch, target="cat", tap=stage, score="probability")  # type: ignore[arg-type]
     assert dog.score == cat.score == "probability"
     worst, nonzero = 0.0, 0
     for name in NAMES:
@@ -84,7 +84,7 @@ def test_probability_maps_are_the_logit_maps_times_p_one_minus_p(
 def test_captum_reference_helper_and_image_maps_use_the_score(
     net_and_batch: tuple[torch.nn.Module, torch.Tensor], tmp_path: Path
 ) -> None:
-    from lightning_vgg.explain.run import captum_agreement, image_maps, title_of, write_maps
+    from lightning_vgg.explain.maps import captum_agreement, image_maps, title_of, write_maps
 
     net, batch = net_and_batch
     units = conv_units(net, "post")
@@ -99,7 +99,7 @@ def test_captum_reference_helper_and_image_maps_use_the_score(
                 net, batch, name, 1.0 if cls == "dog" else -1.0, score="probability"
             )
             assert rel_diff(helper, ref.detach()) <= 1e-6
-            ours = torch.stack([getattr(m, f"raw_{cls}")[name] for m in maps])
+            ours = torch.stack([m.classes[cls].raw[name] for m in maps])
             assert rel_diff(ours, ref.detach()[:, 0]) <= 1e-5
     with torch.enable_grad():
         agreement = captum_agreement(net, batch, maps, "post")

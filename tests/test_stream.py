@@ -161,3 +161,16 @@ def test_control_with_exhausted_stop_trains_one_step_then_stops(
     assert (last["epoch"], last["global_step"]) == (0, 1)
     rows = (run / "metrics.csv").read_text(encoding="utf-8").splitlines()
     assert len(rows) == 2 and "val/acc" in rows[0]  # one epoch, validated once
+
+
+def test_lightning_advances_every_ddp_ranks_stream() -> None:
+    """Under DDP each rank has its own loader; Lightning's epoch call must reach each."""
+    from lightning_fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader
+
+    full = stream(30, 6, 4, 1, 3)
+    for rank in (0, 1):
+        sampler = KerasBatchSampler(30, 6, steps=4, seed=1, num_replicas=2, rank=rank)
+        loader = DataLoader(list(range(30)), batch_sampler=sampler)
+        _set_sampler_epoch(loader, 3)  # what Lightning's fit loop calls on every rank
+        assert [[k for _, k in b] for b in sampler] == [b[rank::2] for b in full]

@@ -26,7 +26,7 @@ pixel centres on integers: ``in = M[:2, :2] @ out + M[:2, 2]``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,18 +36,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from lightning_vgg.data.opencv import use_one_thread
 from lightning_vgg.errors import UserError
 
-# One OpenCV thread per process, set before OpenCV starts its thread pool. DataLoader
-# workers inherit it when they fork: two workers with a pool each fight over the
-# cores (2 here), and a pthreads pool does not survive fork (a worker calling
-# cv2.setNumThreads(1) after the parent had used the pool hung inside OpenCV).
-cv2.setNumThreads(1)
-
 ResizeMode = Literal["nearest", "bilinear"]
-#: Per-sample parameters as arrays or tensors: ``theta``, ``shear``, ``zx``, ``zy``, ``flip``.
-ParamBatch = Mapping[str, "torch.Tensor | np.ndarray"]
-_DEFAULTS: dict[str, float] = {"theta": 0.0, "shear": 0.0, "zx": 1.0, "zy": 1.0, "flip": 0.0}
 
 
 @dataclass(frozen=True)
@@ -137,43 +129,6 @@ def sample_params(cfg: AugmentConfig, rng: np.random.Generator) -> AffineParams:
     return AffineParams(theta=theta, shear=shear, zx=zx, zy=zy, flip=flip)
 
 
-def sample_params_batch(
-    cfg: AugmentConfig, rng: np.random.Generator, n: int
-) -> dict[str, np.ndarray]:
-    """Draw ``n`` images' parameters at once (same distributions as :func:`sample_params`).
-
-    Vectorised draws consume the generator in a different order, so this is not the
-    same as ``n`` calls of :func:`sample_params` with the same generator.
-
-    Returns:
-        ``theta``, ``shear``, ``zx``, ``zy`` as float64 arrays and ``flip`` as bool,
-        each of shape ``(n,)``; :func:`warp_batch` takes the dict as is.
-    """
-    r, s = cfg.rotation_range, cfg.shear_range
-    lo, hi = cfg.zoom_bounds
-    theta = rng.uniform(-r, r, n) if r else np.zeros(n)
-    shear = rng.uniform(-s, s, n) if s else np.zeros(n)
-    zoom = np.ones((n, 2)) if lo == 1 and hi == 1 else rng.uniform(lo, hi, (n, 2))
-    flip = (rng.random(n) < 0.5) & bool(cfg.horizontal_flip)
-    return {"theta": theta, "shear": shear, "zx": zoom[:, 0], "zy": zoom[:, 1], "flip": flip}
-
-
-def unbatch_params(batch: ParamBatch) -> list[AffineParams]:
-    """Split a parameter batch into per-image :class:`AffineParams` (for logging, tests)."""
-    cols = {k: np.asarray(torch.as_tensor(v).cpu()) for k, v in batch.items()}
-    n = len(next(iter(cols.values())))
-    return [
-        AffineParams(
-            theta=float(cols["theta"][i]) if "theta" in cols else 0.0,
-            shear=float(cols["shear"][i]) if "shear" in cols else 0.0,
-            zx=float(cols["zx"][i]) if "zx" in cols else 1.0,
-            zy=float(cols["zy"][i]) if "zy" in cols else 1.0,
-            flip=bool(cols["flip"][i]) if "flip" in cols else False,
-        )
-        for i in range(n)
-    ]
-
-
 def keras_matrix(params: AffineParams, h: int, w: int) -> np.ndarray:
     """The output-to-input pixel map Keras applies to an ``h x w`` image.
 
@@ -231,40 +186,6 @@ def fused_matrix(params: AffineParams, in_h: int, in_w: int, out_h: int, out_w: 
     return resize_matrix(in_h, in_w, out_h, out_w) @ keras_matrix(params, out_h, out_w)
 
 
-def keras_matrix_batch(
-    params: ParamBatch,
-    h: int,
-    w: int,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """:func:`keras_matrix` for a batch of parameters, built on ``device`` in float64.
-
-    Uses the closed form of Keras's product, so parameters that already live on the GPU
-    never travel to the host:
-    ``A = [[cos(t+s) zy, sin(t) zx], [-sin(t+s) zy, cos(t) zx]]`` about the centre
-    ``(row=(w-1)/2, col=(h-1)/2)``, then the flip.
-
-    Returns:
-        ``(N, 3, 3)`` float64 matrices.
-    """
-    cols = _param_tensors(params, device)
-    t, s = torch.deg2rad(cols["theta"]), torch.deg2rad(cols["shear"])
-    zx, zy, flip = cols["zx"], cols["zy"], cols["flip"]
-    a00, a01 = torch.cos(t + s) * zy, torch.sin(t) * zx
-    a10, a11 = -torch.sin(t + s) * zy, torch.cos(t) * zx
-    cr, cc = w / 2 - 0.5, h / 2 - 0.5
-    t0 = cr - a00 * cr - a01 * cc
-    t1 = cc - a10 * cr - a11 * cc
-    # Flip: col_out -> (w - 1) - col_out before the warp.
-    sign = 1 - 2 * flip
-    t0 = t0 + flip * a01 * (w - 1)
-    t1 = t1 + flip * a11 * (w - 1)
-    a01, a11 = a01 * sign, a11 * sign
-    zero, one = torch.zeros_like(t), torch.ones_like(t)
-    rows = [torch.stack(r, -1) for r in ((a00, a01, t0), (a10, a11, t1), (zero, zero, one))]
-    return torch.stack(rows, -2)
-
-
 def pil_nearest_indices(n_in: int, n_out: int) -> np.ndarray:
     """Source indices PIL's ``NEAREST`` resize picks along one axis.
 
@@ -296,7 +217,7 @@ def resize_nearest_pil(image: Image.Image, size: int | tuple[int, int]) -> Image
 
 def warp_batch(
     images: torch.Tensor,
-    params: Sequence[AffineParams] | ParamBatch,
+    params: Sequence[AffineParams],
     out_size: int | tuple[int, int] | None = None,
     resize: ResizeMode = "nearest",
 ) -> torch.Tensor:
@@ -309,8 +230,7 @@ def warp_batch(
 
     Args:
         images: ``(N, C, H, W)``, uint8 or float, on the 0-255 scale.
-        params: One :class:`AffineParams` per image, or a batch dict (see
-            :func:`sample_params_batch`) of arrays or tensors.
+        params: One :class:`AffineParams` per image.
         out_size: Output side or ``(height, width)``; ``None`` keeps ``(H, W)``.
         resize: How to get from ``(H, W)`` to ``out_size``.
 
@@ -334,14 +254,8 @@ def warp_batch(
         images = images.index_select(2, rows).transpose(2, 3).contiguous()
         images = images.index_select(2, cols).transpose(2, 3)
         h, w = oh, ow
-    if isinstance(params, Mapping):
-        mats = keras_matrix_batch(params, oh, ow, images.device)
-        if (oh, ow) != (h, w):
-            scale = torch.from_numpy(resize_matrix(h, w, oh, ow)).to(mats)
-            mats = scale @ mats
-    else:
-        stack = [fused_matrix(p, h, w, oh, ow) for p in params]
-        mats = torch.from_numpy(np.stack(stack) if stack else np.zeros((0, 3, 3))).to(images.device)
+    stack = [fused_matrix(p, h, w, oh, ow) for p in params]
+    mats = torch.from_numpy(np.stack(stack) if stack else np.zeros((0, 3, 3))).to(images.device)
     if mats.shape[0] != n:
         raise ValueError(f"got {mats.shape[0]} parameter sets for {n} images")
     return warp_matrices(images, mats, (oh, ow))
@@ -421,6 +335,7 @@ def warp_cv2(image: np.ndarray, params: AffineParams, out_size: int) -> np.ndarr
     Returns:
         ``out_size x out_size x C`` uint8.
     """
+    use_one_thread()
     h, w = image.shape[:2]
     m = fused_matrix(params, h, w, out_size, out_size)
     m_xy = m[[1, 0]][:, [1, 0, 2]]  # (row, col) to OpenCV's (x, y)
@@ -433,40 +348,17 @@ def warp_cv2(image: np.ndarray, params: AffineParams, out_size: int) -> np.ndarr
     )
 
 
-def _param_tensors(
-    params: ParamBatch, device: torch.device | str | None
-) -> dict[str, torch.Tensor]:
-    """Batch dict to float64 tensors on ``device``; missing keys get neutral values."""
-    given = {k: torch.as_tensor(v, device=device) for k, v in params.items()}
-    if not given:
-        raise ValueError("parameter batch is empty")
-    n = next(iter(given.values())).shape[0]
-    out: dict[str, torch.Tensor] = {}
-    for key, default in _DEFAULTS.items():
-        v = given.get(key)
-        out[key] = (
-            torch.full((n,), default, dtype=torch.float64, device=device)
-            if v is None
-            else v.to(device=device, dtype=torch.float64).reshape(n)
-        )
-    return out
-
-
 __all__ = [
     "AffineParams",
     "AugmentConfig",
-    "ParamBatch",
     "ResizeMode",
     "fused_matrix",
     "grid_theta",
     "keras_matrix",
-    "keras_matrix_batch",
     "pil_nearest_indices",
     "resize_matrix",
     "resize_nearest_pil",
     "sample_params",
-    "sample_params_batch",
-    "unbatch_params",
     "warp_batch",
     "warp_cv2",
     "warp_matrices",

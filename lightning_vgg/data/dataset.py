@@ -24,6 +24,7 @@ from lightning_vgg.data.augment import (
     warp_cv2,
 )
 from lightning_vgg.data.decode import MAX_PIXELS, ImageDecodeError, load_rgb
+from lightning_vgg.data.opencv import use_one_thread
 
 #: ``keras``: PIL nearest resize then the exact Keras warp (float, per image).
 #: ``fast``: one OpenCV warpAffine fusing resize and warp (bilinear, fixed point).
@@ -98,6 +99,7 @@ def decode_rgb_array(path: str) -> np.ndarray:
     if info is not None:
         h, w, comps, precision = info
         if comps in (1, 3) and precision == 8 and 0 < h * w <= MAX_PIXELS:
+            use_one_thread()
             arr = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_FLAGS)
             if arr is not None and arr.shape[:2] == (h, w):
                 return arr
@@ -120,6 +122,7 @@ def resize_nearest_array(arr: np.ndarray, size: int) -> np.ndarray:
     if (h, w) == (size, size):
         return arr
     mx, my = _nearest_maps(h, w, size)
+    use_one_thread()
     return cv2.remap(arr, mx, my, cv2.INTER_NEAREST)
 
 
@@ -146,6 +149,7 @@ def _load_fast(
     ``(decoded image, False)`` for the one case it leaves to PIL's resize (a
     downscaling eval resize: PIL's bilinear and Lanczos antialias, OpenCV's
     ``INTER_LINEAR`` does not)."""
+    use_one_thread()
     arr = decode_rgb_array(path)
     h, w = arr.shape[:2]
     if params is not None:
@@ -253,6 +257,7 @@ class ImageFiles(Dataset[Sample | None]):
         self.resize = resize
         self.seed = seed
         self.encoded = encoded
+        use_one_thread()  # in the parent, so forked loader workers start with it set
 
     def __len__(self) -> int:
         return len(self.paths)

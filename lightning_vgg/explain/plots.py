@@ -6,7 +6,7 @@ display and no global figure registry grows while thousands of figures are drawn
 each with :func:`lightning_vgg.fileio.save_figure` (atomic, and it closes the figure).
 
 Inputs may be torch tensors (any device) or NumPy arrays. Maps handed to the overlay
-functions are already in ``[0, 1]`` (see :mod:`lightning_vgg.explain.atlas` for the
+functions are already in ``[0, 1]`` (see :mod:`lightning_vgg.explain.normalize` for the
 per-map and shared normalisations); these functions never rescale them, so a weak map
 stays faint, and an all-zero map is flagged in text rather than drawn.
 """
@@ -95,7 +95,7 @@ def _map_hw(map01: Any, size: tuple[int, int]) -> np.ndarray:
     if m.shape != size:
         import torch
 
-        from lightning_vgg.explain.atlas import upsample
+        from lightning_vgg.explain.normalize import upsample
 
         m = upsample(torch.from_numpy(np.ascontiguousarray(m)), size).numpy()
     return m

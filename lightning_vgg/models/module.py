@@ -30,6 +30,16 @@ class VGGClassifier(pl.LightningModule):
     Every constructor argument is saved as a hyperparameter, so a checkpoint alone
     rebuilds the network (``explain`` and ``compare`` rely on that).
 
+    The optimizer and schedule are chosen by plain ``optimizer``/``scheduler`` names
+    in :meth:`configure_optimizers`, not by LightningCLI's ``OptimizerCallable`` /
+    ``LRSchedulerCallable``. Those would replace the keys ``model.optimizer: sgd``,
+    ``model.lr``, ``model.momentum``... with class paths, so every config and every
+    saved checkpoint's hyperparameters would change meaning (or stop loading); and
+    the one-cycle and cosine schedules need ``trainer.estimated_stepping_batches``,
+    known only once the trainer is attached, which a callable built from the config
+    cannot be given. The weight-decay split (none for biases and BatchNorm) is also
+    done here, for either optimizer.
+
     Args:
         width: Channel multiplier (1.0 is VGG16; 1/16 for tests).
         batch_norm: ``every_conv`` (default), ``per_block`` (the seed's literal
@@ -92,8 +102,8 @@ class VGGClassifier(pl.LightningModule):
             self.net = self.net.to(memory_format=torch.channels_last)
         self.metrics = torch.nn.ModuleDict(
             {
-                f"{stage}_{kind}": (BinaryAccuracy() if kind == "acc" else MeanMetric())
-                for stage in ("train", "val", "test")
+                f"{split}_{kind}": (BinaryAccuracy() if kind == "acc" else MeanMetric())
+                for split in ("train", "val", "test")
                 for kind in ("acc", "loss")
             }
         )
@@ -105,21 +115,23 @@ class VGGClassifier(pl.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
-    def _step(self, batch: Batch, stage: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _step(self, batch: Batch, split: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Loss and logits of one batch of ``split`` (``train``/``val``/``test``: the
+        metrics' prefix, not Lightning's stage names ``fit``/``validate``/``test``)."""
         if batch is None:  # every image of the batch failed to load (already warned)
             return None
         x, y = batch[0], batch[1]
         logits = self(x)
         target = y.float()
-        s = self.hparams.label_smoothing if stage == "train" else 0.0
+        s = self.hparams.label_smoothing if split == "train" else 0.0
         if s > 0:
             target = target * (1 - s) + 0.5 * s
         losses = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
         n = y.shape[0]
-        loss = self._batch_loss(losses) if stage == "train" else losses.mean()
-        loss_metric = self.metrics[f"{stage}_loss"]
-        acc_metric = self.metrics[f"{stage}_acc"]
-        if stage != "train":
+        loss = self._batch_loss(losses) if split == "train" else losses.mean()
+        loss_metric = self.metrics[f"{split}_loss"]
+        acc_metric = self.metrics[f"{split}_acc"]
+        if split != "train":
             self._eval_images += n
         if n > 0:  # a DDP rank can hold no image of a short last batch
             # per-image values: the epoch mean is sample-weighted, over all ranks
@@ -127,10 +139,10 @@ class VGGClassifier(pl.LightningModule):
             # P(dog) >= 0.5 means dog, as in the seed; logit >= 0 is the same test.
             acc_metric.update((logits.detach() >= 0).long(), y.long())
         self.log(
-            f"{stage}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=n
+            f"{split}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=n
         )
         self.log(
-            f"{stage}/acc", acc_metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=n
+            f"{split}/acc", acc_metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=n
         )
         return loss, logits.detach()
 
@@ -143,13 +155,21 @@ class VGGClassifier(pl.LightningModule):
         ``sum(own losses) * k / global count``: the ranks' average is then exactly
         the single-process mean. One process returns the plain mean.
         """
-        trainer = self._trainer
+        trainer = self._attached_trainer()
         world = trainer.world_size if trainer is not None else 1
         if world == 1:
             return losses.mean()
         count = torch.tensor(float(losses.numel()), device=losses.device)
         total = trainer.strategy.reduce(count, reduce_op="sum")
         return losses.sum() * world / total.clamp_min(1.0)
+
+    def _attached_trainer(self) -> pl.Trainer | None:
+        """The trainer running this module; ``None`` when a test or script calls a step
+        directly (the public ``trainer`` property raises then)."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
         """One SGD step on an augmented batch (skipped if no image of it loaded)."""
@@ -178,7 +198,8 @@ class VGGClassifier(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         """``validate`` only (not fit's validation): count the images, refuse too few."""
-        if self._trainer is not None and self.trainer.state.fn == "validate":
+        trainer = self._attached_trainer()
+        if trainer is not None and trainer.state.fn == "validate":
             self._log_image_counts("validate", "val")
 
     def on_test_epoch_end(self) -> None:

@@ -186,11 +186,3 @@ def conv_units(
             out[names[k]] = mods[relu_idx]
         k += 1
     return out
-
-
-def module_path(model: nn.Module, module: nn.Module) -> str:
-    """The dotted path of ``module`` inside ``model`` (e.g. ``features.2``)."""
-    for name, m in model.named_modules():
-        if m is module:
-            return name
-    raise KeyError("module is not part of the model")

@@ -7,6 +7,7 @@ from typing import Literal
 
 from lightning_vgg.checkpointing import find_last_checkpoint
 from lightning_vgg.errors import UserError
+from lightning_vgg.training import run_lightning
 
 Checkpoint = Literal["best", "last"]
 
@@ -21,20 +22,22 @@ def _run_dir(save_dir: Path, name: str) -> Path:
 def _fit_and_test(
     config: str, name: str, save_dir: Path, overrides: list[str], which: Checkpoint
 ) -> Path:
-    """Fit one config into ``save_dir/name`` and test its ``best`` or ``last`` checkpoint."""
-    from lightning_vgg.cli import main
+    """Fit one config into ``save_dir/name`` and test its ``best`` or ``last`` checkpoint.
 
+    Raises:
+        UserError: From either run (as :func:`~lightning_vgg.training.run_lightning`).
+    """
     common = [
         f"--trainer.logger.init_args.save_dir={save_dir}",
         f"--trainer.logger.init_args.name={name}",
     ]
-    main(["fit", "--config", config, *common, *overrides])
+    run_lightning(["fit", "--config", config, *common, *overrides])
     run = _run_dir(save_dir, name)
     ckpt = run / "checkpoints" / f"{which}.ckpt"
     if not ckpt.is_file():  # no validation ran, so no best: the last one is all there is
         ckpt = run / "checkpoints" / "last.ckpt"
     test_overrides = [o for o in overrides if not o.startswith("--data.split_file")]
-    main(["test", "--config", config, f"--ckpt_path={ckpt}", *common, *test_overrides])
+    run_lightning(["test", "--config", config, f"--ckpt_path={ckpt}", *common, *test_overrides])
     return ckpt
 
 
@@ -121,6 +124,10 @@ def run_experiment(
 
     Returns:
         The report folder.
+
+    Raises:
+        UserError: A bad config, override, input or output folder, from this function
+            or from the runs it starts; never ``SystemExit``, so Python callers go on.
     """
     from lightning_vgg.fileio import check_output_dir, check_output_location
     from lightning_vgg.report.compare import REPORT_FILES, run_compare

@@ -1,4 +1,4 @@
-"""Figures of the comparison report: both runs' curves and measures on shared axes.
+"""Figures of the reports: runs' learning curves and per-layer measures on shared axes.
 
 Like :mod:`lightning_vgg.explain.plots`, every function returns a Figure on the Agg
 canvas (no pyplot), to be saved with :func:`lightning_vgg.fileio.save_figure`. Runs are
@@ -10,12 +10,22 @@ rather than being drawn as zeros.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from lightning_vgg.fileio import save_figure
+from lightning_vgg.report.html import finite_or_none
+
+if TYPE_CHECKING:
+    from lightning_vgg.report.measuring import Curves
+
+#: Saves a figure under a report's ``figures/`` by file name; returns the link to it.
+SaveFigure = Callable[[Figure, str], str]
 
 #: Colours of the runs, in order (matplotlib's first two defaults, then more).
 RUN_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
@@ -27,40 +37,54 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _finite(v: Any) -> float | None:
-    if v is None:
-        return None
-    f = float(v)
-    return f if math.isfinite(f) else None
+def figure_saver(figdir: Path) -> SaveFigure:
+    """A :data:`SaveFigure` writing into ``figdir`` (the report's ``figures/``)."""
+
+    def save(figure: Figure, name: str) -> str:
+        save_figure(figure, figdir / name)
+        return f"figures/{name}"
+
+    return save
 
 
 #: The one epoch convention of every figure: 0-based, as metrics.csv, the checkpoints
 #: and visualizations/epoch_XXX count.
 EPOCH_LABEL = "epoch (0-based, as in metrics.csv)"
+#: Line style of each stage's curve.
+STAGE_STYLES = (("train", "-"), ("val", "--"))
 
 
-def history_comparison(
+def learning_curves(
     runs: Mapping[str, Sequence[Mapping[str, float]]],
     chosen: Mapping[str, int | None] | None = None,
+    title: str = "",
 ) -> Figure:
-    """Accuracy and loss against epoch for several runs (train solid, val dashed).
+    """Accuracy and loss against epoch, train solid and validation dashed.
+
+    One function serves a run's own ``history.png`` and the comparison's, so both
+    keep the seed's axes and the epoch convention. With one run the two stages are
+    told apart by colour too (train blue, val orange) and labelled ``train acc``;
+    with several, each run keeps its colour in every figure and lines are labelled
+    ``good train``.
 
     Args:
         runs: ``run name -> metrics.csv rows`` (as
             :func:`lightning_vgg.report.history.read_metrics_csv` returns them).
         chosen: ``run name -> epoch`` (0-based, as in metrics.csv) of the checkpoint
             being compared, drawn as a dotted vertical line in the run's colour.
+        title: Added to each panel's title (``Accuracy — <title>``).
     """
-    fig = _figure(12, 4.2)
+    single = len(runs) == 1
+    fig = _figure(11, 4) if single else _figure(12, 4.2)
     axes = fig.subplots(1, 2)
     for ax, kind in zip(axes, ("acc", "loss"), strict=True):
-        for (name, rows), colour in zip(runs.items(), RUN_COLOURS, strict=False):
-            for stage, style in (("train", "-"), ("val", "--")):
+        for i, (name, rows) in enumerate(runs.items()):
+            for j, (stage, style) in enumerate(STAGE_STYLES):
                 key = f"{stage}/{kind}"
                 pts = [
                     (int(r["epoch"]), float(r[key]))
                     for r in rows
-                    if "epoch" in r and _finite(r.get(key)) is not None
+                    if "epoch" in r and finite_or_none(r.get(key)) is not None
                 ]
                 if pts:
                     xs, ys = zip(*pts, strict=True)
@@ -68,16 +92,16 @@ def history_comparison(
                         xs,
                         ys,
                         style,
-                        color=colour,
-                        label=f"{name} {stage}",
+                        color=RUN_COLOURS[j if single else i % len(RUN_COLOURS)],
+                        label=f"{stage} {kind}" if single else f"{name} {stage}",
                         marker="." if len(pts) < 30 else None,
                     )
-        for (name, _), colour in zip(runs.items(), RUN_COLOURS, strict=False):
+        for i, name in enumerate(runs):
             epoch = (chosen or {}).get(name)
             if epoch is not None:
                 ax.axvline(
                     epoch,
-                    color=colour,
+                    color=RUN_COLOURS[i % len(RUN_COLOURS)],
                     linestyle=":",
                     linewidth=1.5,
                     label=f"{name} checkpoint (epoch {epoch})",
@@ -85,10 +109,10 @@ def history_comparison(
         ax.set_xlabel(EPOCH_LABEL)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("accuracy" if kind == "acc" else "loss")
-        ax.set_title("Accuracy" if kind == "acc" else "Loss")
+        ax.set_title(f"{'Accuracy' if kind == 'acc' else 'Loss'}{' — ' + title if title else ''}")
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=None if single else 8)
         else:
             ax.text(0.5, 0.5, "no metrics", transform=ax.transAxes, ha="center")
     return fig
@@ -116,7 +140,7 @@ def measures_by_layer(
         layers: list[str] = []
         for (name, table), colour in zip(per_run.items(), RUN_COLOURS, strict=False):
             layers = list(table)
-            ys = [_finite(table[layer].get(key)) for layer in layers]
+            ys = [finite_or_none(table[layer].get(key)) for layer in layers]
             ax.plot(
                 range(len(layers)),
                 [math.nan if y is None else y for y in ys],
@@ -141,14 +165,12 @@ def measures_by_layer(
     return fig
 
 
-def deletion_insertion_curves(
-    curves: Mapping[str, Mapping[str, Any]], layer: str, baseline: str
-) -> Figure:
+def deletion_insertion_curves(curves: Mapping[str, Curves], layer: str, baseline: str) -> Figure:
     """Mean deletion and insertion curves of each run, Grad-CAM vs random order.
 
     Args:
-        curves: ``run name -> {"fractions": [...], "gradcam": {"deletion": [...],
-            "insertion": [...]}, "random": {...}}``, mean probability curves.
+        curves: ``run name -> mean probability curves`` of the Grad-CAM and the
+            random pixel orders.
         layer: The conv layer whose Grad-CAM ordered the pixels (for the title).
         baseline: What removed pixels were replaced by, e.g. ``deletion → zero,
             insertion → blur`` (for the title).
@@ -157,9 +179,9 @@ def deletion_insertion_curves(
     axes = fig.subplots(1, 2)
     for ax, kind in zip(axes, ("deletion", "insertion"), strict=True):
         for (name, c), colour in zip(curves.items(), RUN_COLOURS, strict=False):
-            xs = c["fractions"]
-            ax.plot(xs, c["gradcam"][kind], "-", color=colour, label=f"{name}: Grad-CAM")
-            ax.plot(xs, c["random"][kind], ":", color=colour, label=f"{name}: random")
+            xs = c.fractions
+            ax.plot(xs, getattr(c.gradcam, kind), "-", color=colour, label=f"{name}: Grad-CAM")
+            ax.plot(xs, getattr(c.random, kind), ":", color=colour, label=f"{name}: random")
         ax.set_xlabel(f"fraction of pixels {'removed' if kind == 'deletion' else 'revealed'}")
         ax.set_ylabel("P(explained class)")
         ax.set_ylim(-0.02, 1.02)

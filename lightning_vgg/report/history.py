@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_vgg.fileio import save_figure, write_csv, write_json, write_text
+from lightning_vgg.report.html import markdown_table
 
 #: Columns of ``metrics.csv``, one row per epoch.
 METRIC_COLUMNS = ("epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "lr")
@@ -32,6 +33,10 @@ SEED_RESULTS: dict[str, dict[str, float]] = {
         "min_val_loss": 0.6932,
     },
 }
+
+#: A comparison's two models, in display order, and the row of SEED_RESULTS each is
+#: compared to (the seed called the bad model "broken").
+SEED_ROWS: dict[str, str] = {"good": "good", "bad": "broken"}
 
 #: Row labels of the seed's table, in its order.
 SUMMARY_KEYS: dict[str, str] = {
@@ -98,55 +103,22 @@ def summarize(
 def summary_markdown(summary: Mapping[str, Any], reference: str | None = "good") -> str:
     """A markdown table of the seed's metrics, with the seed's numbers beside them."""
     ref = SEED_RESULTS.get(reference or "", {})
-    head = "| Metric | This run |" + (" Seed (Keras) |" if ref else "")
-    sep = "| --- | --- |" + (" --- |" if ref else "")
-    lines = [head, sep]
+
+    def shown(key: str, v: float | None) -> str:
+        return "—" if v is None else (f"{v:.2%}" if key == "test_acc" else f"{v:.4f}")
+
     values = summary.get("metrics", summary)
-    for key, label in SUMMARY_KEYS.items():
-        v = values.get(key)
-        cell = "—" if v is None else (f"{v:.2%}" if key == "test_acc" else f"{v:.4f}")
-        row = f"| {label} | {cell} |"
-        if ref:
-            r = ref[key]
-            row += f" {r:.2%} |" if key == "test_acc" else f" {r:.4f} |"
-        lines.append(row)
+    rows = [
+        [label, shown(key, values.get(key)), *([shown(key, ref[key])] if ref else [])]
+        for key, label in SUMMARY_KEYS.items()
+    ]
+    table = markdown_table(["Metric", "This run", *(["Seed (Keras)"] if ref else [])], rows)
     info = [
         f"- {k}: {summary[k]}"
         for k in ("config", "epochs", "device", "wall_time_s")
         if summary.get(k) is not None
     ]
-    return "\n".join(lines + (["", *info] if info else [])) + "\n"
-
-
-def plot_history(rows: Sequence[Mapping[str, float]], title: str = "") -> Any:
-    """The seed's figure: train/val accuracy and loss against epochs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    epochs = [int(r["epoch"]) for r in rows]  # 0-based, as metrics.csv
-    for ax, kind in zip(axes, ("acc", "loss"), strict=True):
-        for stage, style in (("train", "-"), ("val", "--")):
-            key = f"{stage}/{kind}"
-            pts = [(e, r[key]) for e, r in zip(epochs, rows, strict=True) if key in r]
-            if pts:
-                ax.plot(
-                    *zip(*pts, strict=True),
-                    style,
-                    label=f"{stage} {kind}",
-                    marker="." if len(pts) < 30 else None,
-                )
-        ax.set_xlabel("epoch (0-based, as in metrics.csv)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("accuracy" if kind == "acc" else "loss")
-        ax.set_title(f"{'Accuracy' if kind == 'acc' else 'Loss'}{' — ' + title if title else ''}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    return fig
+    return "\n".join([table, *(["", *info] if info else [])]) + "\n"
 
 
 def write_run_outputs(
@@ -159,6 +131,9 @@ def write_run_outputs(
     run_dir = Path(run_dir)
     write_metrics_csv(run_dir / "metrics.csv", rows)
     if rows:
-        save_figure(plot_history(rows, str(summary.get("config") or "")), run_dir / "history.png")
+        from lightning_vgg.report.figures import learning_curves  # matplotlib: only when drawing
+
+        figure = learning_curves({"": rows}, title=str(summary.get("config") or ""))
+        save_figure(figure, run_dir / "history.png")
     write_json(run_dir / "summary.json", summary)
     write_text(run_dir / "summary.md", summary_markdown(summary, reference))

@@ -30,13 +30,32 @@ __all__ = [
     "Para",
     "Section",
     "Table",
+    "finite_or_none",
     "fmt",
+    "markdown_table",
+    "num_cell",
+    "pm_cell",
     "render_html",
     "render_markdown",
 ]
 
 #: What a missing or non-finite number is shown as.
 MISSING = "—"
+
+
+def finite_or_none(v: object) -> float | None:
+    """``v`` as a float, or ``None`` where it is missing, not a number or not finite.
+
+    Run files are written by other versions and by hand: a reader must see
+    :data:`MISSING`, not ``nan`` or a crash.
+    """
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
 
 
 def fmt(value: float | int | None, kind: str = "float", digits: int = 4) -> str:
@@ -62,6 +81,20 @@ class Cell:
 
     text: str
     value: float | None = None
+
+
+def num_cell(v: object, kind: str = "float", digits: int = 4) -> Cell:
+    """A table cell for a number (:func:`fmt`), its exact value kept when finite."""
+    f = finite_or_none(v)
+    return Cell(fmt(f, kind, digits), f)
+
+
+def pm_cell(mean: object, std: object, digits: int = 3) -> Cell:
+    """``mean ± std`` (just the mean when the std is missing); the value is the mean."""
+    m, s = finite_or_none(mean), finite_or_none(std)
+    if m is None:
+        return Cell(MISSING)
+    return Cell(f"{m:.{digits}f} ± {s:.{digits}f}" if s is not None else f"{m:.{digits}f}", m)
 
 
 @dataclass
@@ -213,6 +246,18 @@ def _md_escape_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Cell | str]]) -> str:
+    """A GitHub-flavoured Markdown table; ``|`` in a cell is escaped, newlines joined.
+
+    The one Markdown table writer of the reports (``report.md`` and a run's
+    ``summary.md``), so both escape cells the same way.
+    """
+    lines = ["| " + " | ".join(_md_escape_cell(c) for c in columns) + " |"]
+    lines.append("|" + "|".join(["---"] * len(columns)) + "|")
+    lines += ["| " + " | ".join(_md_escape_cell(_cell(c).text) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def _md_blocks(blocks: Sequence[Para | Table | Image | Section], level: int) -> list[str]:
     out: list[str] = []
     for b in blocks:
@@ -221,14 +266,8 @@ def _md_blocks(blocks: Sequence[Para | Table | Image | Section], level: int) -> 
         elif isinstance(b, Para):
             out.append(f"> {b.text}" if b.note else b.text)
         elif isinstance(b, Table):
-            lines = [f"**{b.caption}**", ""] if b.caption else []
-            lines.append("| " + " | ".join(_md_escape_cell(c) for c in b.columns) + " |")
-            lines.append("|" + "|".join(["---"] * len(b.columns)) + "|")
-            lines += [
-                "| " + " | ".join(_md_escape_cell(_cell(c).text) for c in row) + " |"
-                for row in b.rows
-            ]
-            out.append("\n".join(lines))
+            table = markdown_table(b.columns, b.rows)
+            out.append(f"**{b.caption}**\n\n{table}" if b.caption else table)
         elif isinstance(b, Image):
             img = f"![{b.alt}]({b.path})"
             out.append(f"{img}\n\n*{b.caption}*" if b.caption else img)
