@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from lightning_vgg.data import sources
+from lightning_vgg.data import archives
 from lightning_vgg.data.sources import resolve_source
 from lightning_vgg.errors import UserError
 from tests.conftest import pick_images
@@ -35,8 +35,8 @@ def pets_zip(mini_dir: Path, tmp_path: Path) -> bytes:
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, dict[str, Any]]]:
     """A loopback HTTP server whose one file, status and headers the test sets."""
-    monkeypatch.setattr(sources, "RETRY_DELAY_S", 0.0)
-    monkeypatch.setattr(sources, "DOWNLOAD_RETRIES", 2)
+    monkeypatch.setattr(archives, "RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(archives, "DOWNLOAD_RETRIES", 2)
     state: dict[str, Any] = {"body": b"", "gets": 0, "length": True, "sent": 0}
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -84,9 +84,9 @@ def test_https_failure_never_falls_back_to_http(
 
 
 def test_a_redirect_from_https_to_http_is_refused() -> None:
-    handler = sources._NoDowngrade()
+    handler = archives._NoDowngrade()
     req = urllib.request.Request("https://example.org/pets.zip")
-    with pytest.raises(sources._RefusedDownload, match="from https to http://"):
+    with pytest.raises(archives._RefusedDownload, match="from https to http://"):
         handler.redirect_request(req, None, 302, "Found", {}, "http://example.org/pets.zip")
     same = handler.redirect_request(req, None, 302, "Found", {}, "https://mirror.org/pets.zip")
     assert same.full_url == "https://mirror.org/pets.zip"
@@ -117,7 +117,7 @@ def test_known_digest_of_a_url_is_enforced(
     host, state = server
     state["body"] = pets_zip
     url = f"http://{host}/official.zip"
-    monkeypatch.setitem(sources.KNOWN_SHA256, url, "1" * 64)
+    monkeypatch.setitem(archives.KNOWN_SHA256, url, "1" * 64)
     with pytest.raises(UserError, match="not the pinned 1111"):
         resolve_source(url, tmp_path / "cache")
 

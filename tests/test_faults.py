@@ -36,7 +36,7 @@ from pytorch_lightning.callbacks import Callback
 
 from lightning_vgg.checkpointing import AtomicCheckpointIO
 from lightning_vgg.cli import main
-from lightning_vgg.data import sources
+from lightning_vgg.data import archives
 from lightning_vgg.data.datamodule import CatsDogsDataModule
 from lightning_vgg.data.sources import find_images, resolve_source
 from lightning_vgg.errors import UserError
@@ -627,8 +627,8 @@ def test_dropped_download_is_retried_and_verified(
     length: bool,
     with_md5: bool,
 ) -> None:
-    monkeypatch.setattr(sources, "DOWNLOAD_RETRIES", 3)
-    monkeypatch.setattr(sources, "RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(archives, "DOWNLOAD_RETRIES", 3)
+    monkeypatch.setattr(archives, "RETRY_DELAY_S", 0.0)
     url, state = flaky_server
     state["body"] = Path(shutil.make_archive(str(tmp_path / "pets"), "zip", small_dir)).read_bytes()
     state["length"] = length
@@ -649,8 +649,8 @@ def test_download_that_always_breaks_off_is_one_clear_error(
     flaky_server: tuple[str, dict[str, Any]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(sources, "DOWNLOAD_RETRIES", 1)
-    monkeypatch.setattr(sources, "RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(archives, "DOWNLOAD_RETRIES", 1)
+    monkeypatch.setattr(archives, "RETRY_DELAY_S", 0.0)
     url, state = flaky_server
     state["body"] = Path(shutil.make_archive(str(tmp_path / "pets"), "zip", small_dir)).read_bytes()
     state["cut"] = 99
@@ -666,11 +666,11 @@ def test_cut_short_download_in_the_cache_is_fetched_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A truncated file cached by an older version would fail every later run."""
-    monkeypatch.setattr(sources, "RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(archives, "RETRY_DELAY_S", 0.0)
     url, state = flaky_server
     state["body"] = Path(shutil.make_archive(str(tmp_path / "pets"), "zip", small_dir)).read_bytes()
     state["cut"] = 0
-    folder = tmp_path / "cache" / "downloads" / sources._short_hash(url)
+    folder = tmp_path / "cache" / "downloads" / archives.short_hash(url)
     folder.mkdir(parents=True)
     (folder / "pets.zip").write_bytes(state["body"][:1000])
     root = resolve_source(url, tmp_path / "cache")

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from lightning_vgg.data import decode, sources
+from lightning_vgg.data import archives, decode, sources
 from lightning_vgg.data.decode import ImageDecodeError, load_rgb
 from lightning_vgg.data.sources import (
     UnreadableImagesWarning,
@@ -46,8 +46,8 @@ def _scan_warnings(record: list[warnings.WarningMessage]) -> list[str]:
 @pytest.fixture(autouse=True)
 def _fast_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep failing downloads from sleeping between retries."""
-    monkeypatch.setattr(sources, "DOWNLOAD_RETRIES", 1)
-    monkeypatch.setattr(sources, "RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(archives, "DOWNLOAD_RETRIES", 1)
+    monkeypatch.setattr(archives, "RETRY_DELAY_S", 0.0)
 
 
 @pytest.fixture

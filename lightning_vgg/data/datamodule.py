@@ -19,6 +19,7 @@ from lightning_vgg.checks import (
     PositiveInt,
     check_ranges,
 )
+from lightning_vgg.data.archives import MAX_DOWNLOAD_MB, MAX_EXTRACT_MB
 from lightning_vgg.data.augment import AugmentConfig, warp_batch, warp_theta
 from lightning_vgg.data.dataset import (
     AugmentBackend,
@@ -29,12 +30,7 @@ from lightning_vgg.data.dataset import (
 )
 from lightning_vgg.data.preprocess import Preprocess
 from lightning_vgg.data.sampler import Exhausted, KerasBatchSampler
-from lightning_vgg.data.sources import (
-    DEFAULT_URL,
-    MAX_DOWNLOAD_MB,
-    MAX_EXTRACT_MB,
-    index_source,
-)
+from lightning_vgg.data.sources import DEFAULT_URL, index_source
 from lightning_vgg.data.split import make_split, read_split_csv, write_split_csv
 from lightning_vgg.errors import UserError
 from lightning_vgg.labels import SplitRow

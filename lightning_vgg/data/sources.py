@@ -8,33 +8,22 @@ The pipeline is ``resolve_source`` (directory, zip or URL to a local folder),
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import http.client
 import json
 import os
-import re
-import shutil
-import sys
-import tempfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-import zipfile
-import zlib
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
 
 import PIL
 from tqdm import tqdm
 
-from lightning_vgg.data import decode
+from lightning_vgg.data import archives, decode
 from lightning_vgg.data.decode import IMAGE_SUFFIXES
 from lightning_vgg.errors import UserError
 from lightning_vgg.fileio import atomic_open
@@ -45,30 +34,9 @@ DEFAULT_URL = (
     "kagglecatsanddogs_5340.zip"
 )
 
-# Download behaviour; module-level so tests (and impatient users) can shrink them.
-DOWNLOAD_RETRIES = 3
-RETRY_DELAY_S = 2.0
-SOCKET_TIMEOUT_S = 60.0
-_CHUNK_BYTES = 1 << 20
-
-#: Size caps (MiB) on a download and on what an archive unpacks to: the official
-#: archive is 787 MiB and unpacks to about the same; a zip bomb is refused before
-#: it fills the disk. ``data.max_download_mb`` / ``data.max_extract_mb`` change them.
-MAX_DOWNLOAD_MB = 2048
-MAX_EXTRACT_MB = 8192
-MAX_ARCHIVE_MEMBERS = 200_000
-
-#: sha256 digests of archives we have verified ourselves, by URL. A download whose
-#: URL is listed (or whose ``data.sha256`` is given) must match, else it is refused.
-#: The official archive's digest is not listed yet: it could not be fetched and
-#: checked from the machines this project is developed on (see the README).
-KNOWN_SHA256: dict[str, str] = {}
-
 MAX_DEPTH = 3  # folders this far below the root are searched for a layout
 # macOS zip debris and Kaggle's unlabelled test set are never training data.
 _SKIP_DIRS = {"__macosx", "test1"}
-_MARKER = ".complete"
-_STALE_PARTIAL_S = 3600.0
 _SCAN_VERSION = 1
 _CHUNK = 128  # files per pool task: big enough to amortise pickling, small for a smooth bar
 _LIST_LIMIT = 20
@@ -91,10 +59,6 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "lightning_vgg"
 
 
-def _short_hash(text: str, n: int = 12) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]
-
-
 def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
     return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
@@ -107,8 +71,8 @@ def resolve_source(
     cache_dir: str | os.PathLike[str] | None = None,
     md5: str | None = None,
     sha256: str | None = None,
-    max_download_mb: float = MAX_DOWNLOAD_MB,
-    max_extract_mb: float = MAX_EXTRACT_MB,
+    max_download_mb: float = archives.MAX_DOWNLOAD_MB,
+    max_extract_mb: float = archives.MAX_EXTRACT_MB,
 ) -> Path:
     """Make any accepted data source available as a local directory.
 
@@ -134,11 +98,11 @@ def resolve_source(
     text = os.fspath(source)
     cache = _cache_root(cache_dir)
     scheme = urllib.parse.urlsplit(text).scheme.lower() if "://" in text else ""
-    digest = _normalise_sha256(sha256)
+    digest = archives.normalise_sha256(sha256)
     if scheme in ("http", "https"):
-        digest = digest or KNOWN_SHA256.get(text)
-        archive = _download(text, cache / "downloads", md5, digest, max_download_mb)
-        return _extract_zip(archive, cache / "extracted", max_extract_mb)
+        digest = digest or archives.KNOWN_SHA256.get(text)
+        archive = archives.download(text, cache / "downloads", md5, digest, max_download_mb)
+        return archives.extract_zip(archive, cache / "extracted", max_extract_mb)
     if scheme:
         raise UserError(f"unsupported data source {text}: {_KINDS}")
     path = Path(text).expanduser()
@@ -147,25 +111,8 @@ def resolve_source(
     if path.is_dir():
         return _checked_dir(path.resolve())
     if path.suffix.lower() == ".zip":
-        return _extract_zip(path.resolve(), cache / "extracted", max_extract_mb, digest)
+        return archives.extract_zip(path.resolve(), cache / "extracted", max_extract_mb, digest)
     raise UserError(f"unsupported data source {path}: {_KINDS}")
-
-
-def _normalise_sha256(value: str | None) -> str | None:
-    if value is None:
-        return None
-    digest = value.strip().lower()
-    if not re.fullmatch(r"[0-9a-f]{64}", digest):
-        raise UserError(f"data.sha256 must be 64 hexadecimal digits, got {value!r}")
-    return digest
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _checked_dir(path: Path) -> Path:
@@ -179,246 +126,6 @@ def _checked_dir(path: Path) -> Path:
     if empty:
         raise UserError(f"data source is an empty directory: {path}")
     return path
-
-
-def _download_reason(exc: BaseException | None) -> str:
-    if isinstance(exc, urllib.error.HTTPError):
-        return f"HTTP {exc.code} {exc.reason}"
-    if isinstance(exc, urllib.error.URLError):
-        return str(exc.reason)
-    return str(exc) or type(exc).__name__
-
-
-class _IncompleteDownload(Exception):
-    """The transfer ended early: the connection dropped and the body was cut short."""
-
-
-class _RefusedDownload(Exception):
-    """A download that retrying cannot fix: too large, not a zip, wrong digest, downgraded."""
-
-
-class _NoDowngrade(urllib.request.HTTPRedirectHandler):
-    """Follow redirects, but never from https to plain http.
-
-    torchvision's ``download_url`` retried a failed https download over plain http,
-    where anyone on the path can swap the archive; urllib's own redirect handling
-    would follow an https -> http redirect the same way.
-    """
-
-    def redirect_request(
-        self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str
-    ) -> Any:
-        if req.full_url.lower().startswith("https:") and not newurl.lower().startswith("https:"):
-            raise _RefusedDownload(f"the server redirected from https to {newurl}; refused")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def _is_whole_zip(path: Path) -> bool:
-    """A zip's directory is at its very end, so a cut-short download never passes."""
-    try:
-        return zipfile.is_zipfile(path)
-    except OSError:
-        return False
-
-
-def _fetch(url: str, partial: Path, max_bytes: int) -> tuple[str, str]:
-    """Stream ``url`` into ``partial`` within ``max_bytes``; return its (sha256, md5)."""
-    opener = urllib.request.build_opener(_NoDowngrade())
-    request = urllib.request.Request(url, headers={"User-Agent": "lightning-vgg"})
-    sha, md5 = hashlib.sha256(), hashlib.md5()
-    total = 0
-    with opener.open(request, timeout=SOCKET_TIMEOUT_S) as response:
-        announced = response.headers.get("Content-Length")
-        if announced is not None and int(announced) > max_bytes:
-            raise _RefusedDownload(
-                f"the server announces {int(announced) / 2**20:.0f} MiB, over the "
-                f"{max_bytes / 2**20:.0f} MiB cap (data.max_download_mb)"
-            )
-        with partial.open("wb") as handle:
-            while chunk := response.read(_CHUNK_BYTES):
-                if total == 0 and not chunk.startswith(b"PK"):
-                    raise _RefusedDownload(
-                        f"the response is not a zip archive (it starts with {chunk[:16]!r})"
-                    )
-                total += len(chunk)
-                if total > max_bytes:
-                    raise _RefusedDownload(
-                        f"the download passed the {max_bytes / 2**20:.0f} MiB cap "
-                        "(data.max_download_mb)"
-                    )
-                sha.update(chunk)
-                md5.update(chunk)
-                handle.write(chunk)
-    if announced is not None and total != int(announced):
-        raise _IncompleteDownload(f"the download ended early ({total} of {announced} bytes)")
-    if not _is_whole_zip(partial):
-        raise _IncompleteDownload(
-            f"the download ended early or is not a zip archive ({total} bytes)"
-        )
-    return sha.hexdigest(), md5.hexdigest()
-
-
-def _download(
-    url: str, downloads: Path, md5: str | None, sha256: str | None, max_mb: float
-) -> Path:
-    """Download ``url`` once into the cache, retrying transient failures.
-
-    The file is fetched under a ``.part`` name and renamed when complete and
-    verified, so an interrupted or refused download is never mistaken for a
-    finished one. https never falls back to http; a plain ``http://`` URL is
-    fetched only because the user named it, with a warning.
-    """
-    if url.lower().startswith("http:"):
-        warnings.warn(
-            f"{url} is plain http: anyone on the network path can alter the archive; "
-            "use https, or pin its digest with data.sha256",
-            UserWarning,
-            stacklevel=3,
-        )
-    elif sha256 is None:
-        warnings.warn(
-            f"no sha256 is pinned for {url}; it is checked only as a whole zip. Pin it "
-            "with data.sha256 (the digest is printed once the download completes)",
-            UserWarning,
-            stacklevel=3,
-        )
-    name = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name or "download"
-    if not name.lower().endswith(".zip"):
-        name += ".zip"
-    folder = downloads / _short_hash(url)  # same file name from two URLs must not collide
-    target = folder / name
-    if target.is_file() and _is_whole_zip(target) and _cached_matches(target, md5, sha256):
-        return target
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create download folder {folder}: {exc.strerror or exc}") from exc
-    partial = folder / f".{name}.part"
-    max_bytes = int(max_mb * 2**20)
-    error: BaseException | None = None
-    try:
-        for attempt in range(DOWNLOAD_RETRIES + 1):
-            if attempt:
-                time.sleep(RETRY_DELAY_S * 2 ** (attempt - 1))
-            partial.unlink(missing_ok=True)
-            try:
-                got_sha, got_md5 = _fetch(url, partial, max_bytes)
-            except urllib.error.HTTPError as exc:
-                error = exc
-                if 400 <= exc.code < 500:
-                    break  # a wrong URL stays wrong
-                continue
-            except (OSError, ValueError, http.client.HTTPException, _IncompleteDownload) as exc:
-                error = exc
-                continue
-            if sha256 is not None and got_sha != sha256:
-                raise _RefusedDownload(f"its sha256 is {got_sha}, not the pinned {sha256}")
-            if md5 is not None and got_md5 != md5:
-                error = _RefusedDownload(f"the file's md5 is not {md5}")
-                continue  # a corrupted transfer: try again
-            os.replace(partial, target)
-            if sha256 is None:
-                print(f"downloaded {url}: sha256 {got_sha}", file=sys.stderr)
-            return target
-    except _RefusedDownload as exc:
-        error = exc
-    finally:
-        partial.unlink(missing_ok=True)
-    raise UserError(
-        f"could not download {url}: {_download_reason(error)}; "
-        "pass a local directory or zip with --data.source instead"
-    )
-
-
-def _cached_matches(path: Path, md5: str | None, sha256: str | None) -> bool:
-    if sha256 is not None and _file_sha256(path) != sha256:
-        return False
-    if md5 is not None:
-        h = hashlib.md5()
-        with path.open("rb") as handle:
-            while chunk := handle.read(_CHUNK_BYTES):
-                h.update(chunk)
-        return h.hexdigest() == md5
-    return True
-
-
-def _remove_stale_partials(extracted: Path, name: str) -> None:
-    """Reclaim space from extractions that crashed (a concurrent one is recent, so kept)."""
-    for partial in extracted.glob(f".{name}.*.partial"):
-        with contextlib.suppress(OSError):
-            if time.time() - partial.stat().st_mtime > _STALE_PARTIAL_S:
-                shutil.rmtree(partial, ignore_errors=True)
-
-
-def _check_archive_size(archive: zipfile.ZipFile, zip_path: Path, max_mb: float) -> None:
-    """Refuse a zip bomb before writing: the members' declared sizes bound the output.
-
-    zipfile stops every member at its declared size (and checks its CRC), so the
-    sum of declared sizes is what extraction can write at most.
-    """
-    members = archive.infolist()
-    if len(members) > MAX_ARCHIVE_MEMBERS:
-        raise UserError(
-            f"{zip_path} holds {len(members):,} entries, over the {MAX_ARCHIVE_MEMBERS:,} accepted"
-        )
-    total = sum(m.file_size for m in members)
-    if total > max_mb * 2**20:
-        raise UserError(
-            f"{zip_path} unpacks to {total / 2**20:,.0f} MiB, over the {max_mb:,.0f} MiB cap "
-            "(data.max_extract_mb); raise the cap if the archive is genuine"
-        )
-
-
-def _extract_zip(
-    zip_path: Path, extracted: Path, max_mb: float = MAX_EXTRACT_MB, sha256: str | None = None
-) -> Path:
-    """Extract a zip once into the cache; reuse it while the zip is unchanged.
-
-    The folder name hashes the zip's path, size and mtime, so an edited or replaced
-    zip gets a fresh extraction. Extraction goes to a temporary sibling that gets
-    the ``.complete`` marker before it is renamed into place, so the final folder
-    appears whole or not at all; one without the marker is not trusted and redone.
-    """
-    try:
-        stat = zip_path.stat()
-    except OSError as exc:
-        raise UserError(f"cannot read data source {zip_path}: {exc.strerror or exc}") from exc
-    key = _short_hash(f"{zip_path}|{stat.st_size}|{stat.st_mtime_ns}")
-    dest = extracted / f"{zip_path.stem}-{key}"
-    if (dest / _MARKER).is_file():
-        return dest
-    if not zipfile.is_zipfile(zip_path):
-        raise UserError(f"not a valid zip archive: {zip_path}")
-    if sha256 is not None and (got := _file_sha256(zip_path)) != sha256:
-        raise UserError(f"{zip_path} has sha256 {got}, not the pinned {sha256} (data.sha256)")
-    try:
-        with zipfile.ZipFile(zip_path) as archive:
-            _check_archive_size(archive, zip_path, max_mb)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise UserError(f"not a valid zip archive: {zip_path} ({exc})") from exc
-    try:
-        extracted.mkdir(parents=True, exist_ok=True)
-        if dest.exists():
-            shutil.rmtree(dest)  # left half-done by an older or interrupted run
-        _remove_stale_partials(extracted, dest.name)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=extracted))
-        tmp.chmod(0o755)  # mkdtemp's 0o700 would hide a shared cache from other users
-    except OSError as exc:
-        raise UserError(f"cannot write to cache folder {extracted}: {exc.strerror or exc}") from exc
-    try:
-        # torchvision's extract_archive does exactly this, but only for a lower-case
-        # ".zip" suffix; zipfile also keeps members from escaping the target folder.
-        with zipfile.ZipFile(zip_path) as archive:
-            archive.extractall(tmp)
-        (tmp / _MARKER).write_text(f"{zip_path}\n", encoding="utf-8")
-        tmp.rename(dest)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if (dest / _MARKER).is_file():
-            return dest  # a concurrent run finished the same extraction first
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise UserError(f"could not extract {zip_path}: {reason}") from exc
-    return dest
 
 
 # --------------------------------------------------------------------------- finding
@@ -539,7 +246,7 @@ def find_images(root: str | os.PathLike[str]) -> list[tuple[str, int]]:
 
 
 def _scan_cache_file(cache_dir: Path, root: Path) -> Path:
-    return cache_dir / "scans" / f"{_short_hash(os.fspath(root.resolve()), 16)}.json"
+    return cache_dir / "scans" / f"{archives.short_hash(os.fspath(root.resolve()), 16)}.json"
 
 
 def _scan_header(root: Path) -> dict[str, object]:
@@ -678,8 +385,8 @@ def index_source(
     md5: str | None = None,
     progress: bool = True,
     sha256: str | None = None,
-    max_download_mb: float = MAX_DOWNLOAD_MB,
-    max_extract_mb: float = MAX_EXTRACT_MB,
+    max_download_mb: float = archives.MAX_DOWNLOAD_MB,
+    max_extract_mb: float = archives.MAX_EXTRACT_MB,
 ) -> tuple[Path, list[tuple[str, int]]]:
     """Resolve, find and scan in one call: what the datamodule needs from a source.
 

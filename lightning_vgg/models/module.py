@@ -208,7 +208,7 @@ class VGGClassifier(pl.LightningModule):
         self._log_image_counts("test", "test")
 
     def _log_image_counts(self, stage: str, prefix: str) -> None:
-        from lightning_vgg.callbacks import count_eval_images
+        from lightning_vgg.data.counting import count_eval_images
 
         used, skipped = count_eval_images(self.trainer, stage, self._eval_images)
         # already summed over ranks: every rank logs the same numbers (a mean of equals)
