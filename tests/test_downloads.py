@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from lightning_vgg.data import archives
+from lightning_vgg.data import archives, sources
 from lightning_vgg.data.sources import resolve_source
 from lightning_vgg.errors import UserError
 from tests.conftest import pick_images
@@ -171,3 +171,9 @@ def test_local_zip_is_checked_against_data_sha256(tmp_path: Path, pets_zip: byte
         resolve_source(archive, tmp_path / "cache", sha256="abc")
     root = resolve_source(archive, tmp_path / "cache", sha256=hashlib.sha256(pets_zip).hexdigest())
     assert (root / "PetImages" / "Dog").is_dir()
+
+
+def test_the_default_download_is_pinned() -> None:
+    """The official archive is checked against a pinned digest, not only as a whole zip."""
+    digest = archives.KNOWN_SHA256[sources.DEFAULT_URL]
+    assert archives.normalise_sha256(digest) == digest
