@@ -58,8 +58,17 @@ def test_feature_stats_match_the_whole_set() -> None:
     for part in (acts[:3], acts[3:4], acts[4:]):
         stats.update(part)
     whole = feature_map_measures(acts)
-    got = asdict(stats.result())
+    result = stats.result()
+    got = asdict(result)
+    per_image = got.pop("per_image")
     assert got.keys() == whole.keys()
+    # The per-image means behind the intervals agree with the pooled measures.
+    assert per_image["sparsity"]["mean"] == pytest.approx(whole["sparsity"], rel=1e-6)
+    assert per_image["dead_channel_fraction_per_image"]["mean"] == pytest.approx(
+        whole["dead_channel_fraction_per_image"], rel=1e-6
+    )
+    assert per_image["hoyer_sparsity"]["mean"] == pytest.approx(whole["hoyer_sparsity"], rel=1e-5)
+    assert per_image["hoyer_sparsity"]["n"] == 6  # the all-zero image has no Hoyer value
     for key, value in whole.items():
         assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
 
@@ -115,8 +124,9 @@ def test_different_input_sizes_are_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="input sizes"):
         run_compare(str(a), str(b), str(tmp_path / "out"), device="cpu")
     assert not (tmp_path / "out").exists()
+    c = _fake_ckpt(tmp_path / "c" / "version_0" / "checkpoints" / "best.ckpt", 32)
     with pytest.raises(UserError, match="no split file"):
-        run_compare(str(a), str(a), str(tmp_path / "out"), device="cpu")
+        run_compare(str(a), str(c), str(tmp_path / "out"), device="cpu")
     assert not (tmp_path / "out").exists(), "a failed compare leaves no output folder"
 
 
@@ -293,7 +303,18 @@ def test_compare_end_to_end(compared: dict[str, Path]) -> None:
     # The good run's gallery (it was tested) is embedded; the bad one's is a note.
     assert (out / "figures" / "good_misclassified_cat.png").is_file()
     assert not list((out / "figures").glob("bad_misclassified_*"))
-    assert len(page.tables["measures-features"]) == 14  # header + 13 layers
+    assert len(page.tables["measures-features"]) == 5 * 14  # 5 measures: header + 13 layers
+    # Uncertainty: intervals, the bootstrap settings, paired differences, the cascade.
+    assert m["bootstrap"]["B"] == 1000 and m["bootstrap"]["seed"] == 0
+    for name in ("good", "bad"):
+        s = m[name]["sanity"]["block5_conv3"]
+        assert s["n"] == 8 and s["ci95"][0] <= s["spearman_mean"] <= s["ci95"][1]
+        assert [e["n"] for e in m[name]["cascade"]["rho"]] == [8] * 14
+        assert m[name]["cascade"]["steps"][0] == "classifier"
+        assert len(m[name]["per_image"]["sanity"]["block1_conv1"]) == 8
+    assert set(m["verdict"]["accuracy"]) == {"good", "bad"}
+    assert m["verdict"]["findings"] and "Too few images" in text
+    assert any(h == "#setup" for h in page.hrefs)
 
     # A folder holding a file of the user's is refused; with --overwrite the report is
     # written into it and the user's file is kept. A split file whose test set differs

@@ -2,7 +2,10 @@
 
 Maps of the trained model are compared with maps of :func:`randomized_copy` by
 :func:`spearman_rank_correlation`: a map that survives the randomisation does not
-depend on what the model learned.
+depend on what the model learned. :func:`cascading_randomization` is the paper's
+cascading version: the layers are re-initialised from the top (the classifier, then
+``block5_conv3``) down to ``block1_conv1``, one more at each step, and the map of one
+layer is compared with the trained model's after every step.
 """
 
 from __future__ import annotations
@@ -12,7 +15,20 @@ import copy
 import torch
 from torch import Tensor, nn
 
-__all__ = ["randomized_copy", "spearman_rank_correlation"]
+from lightning_vgg.explain.atlas import Score, compute_atlas
+from lightning_vgg.explain.hooks import unwrap
+from lightning_vgg.models.vgg import he_normal_, keras_conv_names
+
+__all__ = [
+    "CLASSIFIER",
+    "cascade_order",
+    "cascading_randomization",
+    "randomized_copy",
+    "spearman_rank_correlation",
+]
+
+#: The first step of the cascade: every dense layer of the head at once.
+CLASSIFIER = "classifier"
 
 
 def _average_ranks(x: Tensor) -> Tensor:
@@ -120,3 +136,77 @@ def randomized_copy(model: nn.Module, seed: int) -> nn.Module:
         if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
             m.reset_running_stats()
     return clone.to(device).eval()
+
+
+def cascade_order() -> list[str]:
+    """The cascade's steps, top first: ``classifier``, ``block5_conv3`` ... ``block1_conv1``."""
+    return [CLASSIFIER, *reversed(keras_conv_names())]
+
+
+def _units_by_step(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """``step -> modules re-initialised by it``: a conv with the BatchNorm after it."""
+    net = unwrap(model)
+    names = iter(keras_conv_names())
+    units: dict[str, list[nn.Module]] = {CLASSIFIER: list(net.classifier)}
+    current: list[nn.Module] = []
+    for m in net.features:
+        if isinstance(m, nn.Conv2d):
+            current = units.setdefault(next(names), [])
+            current.append(m)
+        elif isinstance(m, nn.modules.batchnorm._NormBase):
+            current.append(m)
+    return units
+
+
+def _reinit(modules: list[nn.Module], seed: int) -> None:
+    """Keras-style re-initialisation (as :class:`~lightning_vgg.models.vgg.VGG16`), seeded."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        for m in modules:
+            with torch.no_grad():
+                if isinstance(m, nn.Conv2d):
+                    m.weight.copy_(he_normal_(torch.empty_like(m.weight, device="cpu")))
+                    m.bias.zero_()
+                elif isinstance(m, nn.Linear):
+                    m.weight.copy_(
+                        nn.init.xavier_uniform_(torch.empty_like(m.weight, device="cpu"))
+                    )
+                    m.bias.zero_()
+                elif isinstance(m, nn.modules.batchnorm._NormBase):
+                    m.reset_parameters()
+                    m.reset_running_stats()
+
+
+def cascading_randomization(
+    model: nn.Module,
+    images: Tensor,
+    target_sign: Tensor,
+    layer: str,
+    seed: int,
+    score: Score = "logit",
+) -> tuple[list[str], Tensor]:
+    """Spearman ρ of ``layer``'s Grad-CAM, trained vs cumulatively randomised (Adebayo 2018).
+
+    Step ``k`` re-initialises the first ``k + 1`` entries of :func:`cascade_order` (the
+    classifier, then the conv layers from the top down, each with its BatchNorm) in a
+    copy of ``model``, and correlates its Grad-CAM of ``layer`` for the same class
+    (``target_sign``) with the trained model's, image by image. A map that depends on
+    the learned weights decorrelates as more layers are randomised; ``model`` itself is
+    not modified.
+
+    Returns:
+        The steps (the layer newly randomised at each) and ``(steps, N)`` float32 ρ on
+        the CPU.
+    """
+    options = {"target": target_sign, "activations": False, "layers": [layer], "score": score}
+    trained = compute_atlas(model, images, **options).cams[layer].detach()
+    clone = copy.deepcopy(model).eval()
+    units = _units_by_step(clone)
+    order = cascade_order()
+    rhos = []
+    for step, name in enumerate(order):
+        _reinit(units[name], seed + step)
+        cam = compute_atlas(clone, images, **options).cams[layer].detach()
+        rhos.append(spearman_rank_correlation(trained, cam).cpu())
+    del clone
+    return order, torch.stack(rhos)

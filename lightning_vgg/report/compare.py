@@ -37,6 +37,7 @@ Only files an earlier run listed in the folder's manifest are ever replaced.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -70,6 +71,7 @@ from lightning_vgg.report.runs import (
 from lightning_vgg.report.schema import report_json
 from lightning_vgg.report.sections import TITLE, build_sections, intro
 from lightning_vgg.report.showcase import Showcase, compute_showcase
+from lightning_vgg.report.verdicts import Verdict, judge
 
 __all__ = ["REPORT_FILES", "run_compare"]
 
@@ -103,6 +105,29 @@ def _check_options(
         raise UserError(f"faithfulness_layers must be last or all, got {faithfulness_layers!r}")
 
 
+def state_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's state_dict (names, dtypes, shapes and values)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _refuse_same_checkpoint(
+    ckpts: Mapping[str, Path], models: Mapping[str, torch.nn.Module] | None
+) -> None:
+    """``compare`` of a checkpoint with itself (same file, or the same weights) is refused."""
+    if ckpts["good"].resolve() == ckpts["bad"].resolve():
+        raise UserError(
+            f"--good and --bad are the same checkpoint ({ckpts['good'].resolve()}); compare two different models"
+        )
+    if models is not None and state_digest(models["good"]) == state_digest(models["bad"]):
+        raise UserError(
+            f"--good ({ckpts['good']}) and --bad ({ckpts['bad']}) hold identical weights; compare two different models"
+        )
+
+
 def _input_size(models: Mapping[str, torch.nn.Module], ckpts: Mapping[str, Path]) -> int:
     """The one input size both networks take (they are fed the same tensors)."""
     sizes = {name: int(m.hparams.input_size) for name, m in models.items()}
@@ -122,6 +147,7 @@ def _write_report(
     showcase: Showcase | None,
     settings: CompareSettings,
     notes: Notes,
+    verdict: Verdict,
 ) -> None:
     """Render and write the report's files into ``out``, all or nothing."""
     accuracy = {name: m.accuracy(images.labels) for name, m in measures.items()}
@@ -137,12 +163,15 @@ def _write_report(
             galleries,
             settings.measure.score,
             figure_saver(figdir),
+            verdict,
+            settings.measure.seed,
         )
         head = intro(runs, images, settings, notes)
         write_text(stage_dir / "report.html", render_html(TITLE, head, sections, stage_dir))
         write_text(stage_dir / "report.md", render_markdown(TITLE, head, sections))
         write_json(
-            stage_dir / "measures.json", report_json(runs, measures, images, settings, notes)
+            stage_dir / "measures.json",
+            report_json(runs, measures, images, settings, notes, verdict),
         )
 
 
@@ -244,13 +273,21 @@ def run_compare(
     check_output_dir(out, compare_inputs(good, bad, split_file), overwrite, "compare", REPORT_FILES)
 
     ckpts = {"good": Path(good), "bad": Path(bad)}
+    _refuse_same_checkpoint(ckpts, None)
     dev = pick_device(device)
     models = {name: load_model(path, dev) for name, path in ckpts.items()}
+    _refuse_same_checkpoint(ckpts, models)
     size = _input_size(models, ckpts)
     notes = Notes()
     runs = {name: read_run(name, path) for name, path in ckpts.items()}
     split, chosen = read_test_split(split_file, runs, n_per_class, notes)
     images = load_test_images(ckpts, split, chosen, size, notes)
+    cats, dogs = images.counts()
+    if min(cats, dogs) < n_per_class:
+        notes.append(
+            f"n_per_class is {n_per_class}, but only {cats} cats and {dogs} dogs could be "
+            "measured (the test split holds fewer, or some images were unreadable)"
+        )
 
     opts = MeasureOptions(
         batch_size=batch_size,
@@ -269,6 +306,8 @@ def run_compare(
         raise UserError("the two checkpoints have different conv layers")
     showcase = compute_showcase(models, images, images.shown(show_per_class), dev, score)
     settings = CompareSettings(n_per_class, show_per_class, size, dev, opts)
-    _write_report(out, runs, measures, images, showcase, settings, notes)
+    labels = [int(v) for v in images.labels]
+    verdict = judge(measures, labels, seed)
+    _write_report(out, runs, measures, images, showcase, settings, notes, verdict)
     print(f"comparison report: {Path(out) / 'report.html'}")
     return Path(out)

@@ -22,7 +22,10 @@ from lightning_vgg.fileio import save_figure
 from lightning_vgg.report.html import finite_or_none
 
 if TYPE_CHECKING:
-    from lightning_vgg.report.measuring import Curves
+    from lightning_vgg.report.results import Cascade, Curves
+
+#: ``run name -> layer -> measure -> (lo, hi)``: 95 % intervals drawn as bands.
+Bands = Mapping[str, Mapping[str, Mapping[str, "tuple[float, float] | None"]]]
 
 #: Saves a figure under a report's ``figures/`` by file name; returns the link to it.
 SaveFigure = Callable[[Figure, str], str]
@@ -123,6 +126,7 @@ def measures_by_layer(
     panels: Sequence[tuple[str, str]],
     cols: int = 3,
     title: str = "",
+    bands: Bands | None = None,
 ) -> Figure:
     """One panel per measure, the measure against layer depth, every run on one axis.
 
@@ -132,6 +136,7 @@ def measures_by_layer(
         panels: ``(measure key, panel title)`` in display order.
         cols: Panels per row.
         title: Figure title.
+        bands: Bootstrap 95 % intervals, shaded around each run's line where given.
     """
     rows = math.ceil(len(panels) / cols)
     fig = _figure(4.3 * cols, 3.1 * rows + (0.4 if title else 0))
@@ -149,6 +154,11 @@ def measures_by_layer(
                 label=name,
                 markersize=3,
             )
+            ci = [(bands or {}).get(name, {}).get(layer, {}).get(key) for layer in layers]
+            if any(c is not None for c in ci):
+                lo = [math.nan if c is None else c[0] for c in ci]
+                hi = [math.nan if c is None else c[1] for c in ci]
+                ax.fill_between(range(len(layers)), lo, hi, color=colour, alpha=0.2, lw=0)
         ax.set_xticks(range(len(layers)))
         ax.set_xticklabels(
             [layer.replace("block", "b").replace("_conv", ".") for layer in layers],
@@ -190,4 +200,40 @@ def deletion_insertion_curves(curves: Mapping[str, Curves], layer: str, baseline
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"Faithfulness of {layer} Grad-CAM (baselines: {baseline})", fontsize=11)
+    return fig
+
+
+def cascade_curves(cascades: Mapping[str, Cascade]) -> Figure:
+    """Cascading randomisation: ρ against the layers randomised, with 95 % bands.
+
+    Each run's random-vs-random baseline (two independently re-initialised copies) is
+    a horizontal dashed line in its colour, its interval shaded.
+    """
+    fig = _figure(11, 4.2)
+    ax = fig.subplots()
+    steps: list[str] = []
+    for (name, c), colour in zip(cascades.items(), RUN_COLOURS, strict=False):
+        steps = c.steps
+        xs = range(len(steps))
+        mean = [e.mean for e in c.rho]
+        ax.plot(xs, mean, "-o", color=colour, markersize=3, label=f"{name}: trained vs randomised")
+        lo = [math.nan if e.ci95 is None else e.ci95[0] for e in c.rho]
+        hi = [math.nan if e.ci95 is None else e.ci95[1] for e in c.rho]
+        ax.fill_between(xs, lo, hi, color=colour, alpha=0.2, lw=0)
+        b = c.baseline
+        ax.axhline(b.mean, color=colour, linestyle="--", lw=1, label=f"{name}: random vs random")
+        if b.ci95 is not None:
+            ax.axhspan(*b.ci95, color=colour, alpha=0.08, lw=0)
+    ax.set_xticks(range(len(steps)))
+    ax.set_xticklabels([f"+{s}" for s in steps], rotation=60, ha="right", fontsize=8)
+    ax.set_xlabel("layers re-initialised, from the top down (cumulative)")
+    layer = next(iter(cascades.values())).layer if cascades else ""
+    ax.set_ylabel(f"Spearman ρ of the {layer} Grad-CAM")
+    ax.set_ylim(-1.02, 1.02)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(
+        "Cascading randomisation (Adebayo et al. 2018): mean ρ over images, 95% CI", fontsize=10
+    )
     return fig

@@ -30,6 +30,7 @@ __all__ = [
     "Para",
     "Section",
     "Table",
+    "ci_cell",
     "finite_or_none",
     "fmt",
     "markdown_table",
@@ -97,6 +98,20 @@ def pm_cell(mean: object, std: object, digits: int = 3) -> Cell:
     return Cell(f"{m:.{digits}f} ± {s:.{digits}f}" if s is not None else f"{m:.{digits}f}", m)
 
 
+def ci_cell(
+    mean: object, ci95: Sequence[float] | None, kind: str = "float", digits: int = 3
+) -> Cell:
+    """``mean [lo, hi]`` (the bootstrap 95 % interval); just the mean without one."""
+    m = finite_or_none(mean)
+    if m is None:
+        return Cell(MISSING)
+    text = fmt(m, kind, digits)
+    if ci95 is not None:
+        lo, hi = (finite_or_none(v) for v in ci95)
+        text += f" [{fmt(lo, kind, digits)}, {fmt(hi, kind, digits)}]"
+    return Cell(text, m)
+
+
 @dataclass
 class Para:
     """A paragraph; text in backticks is rendered as code. ``note`` styles it as an aside."""
@@ -153,11 +168,25 @@ p.note { background: #fff8e1; border-left: 4px solid #f0b400; padding: 0.4em 0.8
 """
 
 
+_LINK = re.compile(r"\[([^\]]+)\]\((#[\w\-]+)\)")
+
+
+def _escape_with_links(text: str) -> str:
+    """Escape ``text``; ``[words](#anchor)`` (Markdown's in-page link) becomes a link."""
+    out, pos = [], 0
+    for m in _LINK.finditer(text):
+        out.append(html.escape(text[pos : m.start()]))
+        out.append(f'<a href="{html.escape(m.group(2))}">{html.escape(m.group(1))}</a>')
+        pos = m.end()
+    return "".join(out) + html.escape(text[pos:])
+
+
 def _inline_html(text: str) -> str:
-    """Escape ``text`` and turn `backticks` into ``<code>``."""
+    """Escape ``text``, turn `backticks` into ``<code>`` and ``[a](#id)`` into links."""
     parts = re.split(r"`([^`]*)`", text)
     return "".join(
-        f"<code>{html.escape(p)}</code>" if i % 2 else html.escape(p) for i, p in enumerate(parts)
+        f"<code>{html.escape(p)}</code>" if i % 2 else _escape_with_links(p)
+        for i, p in enumerate(parts)
     )
 
 

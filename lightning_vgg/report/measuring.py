@@ -11,21 +11,23 @@ on what a measure means.
 Grad-CAM in the measures explains each image's **predicted** class (what the model
 decided, the usual choice for faithfulness: deletion then removes the evidence for
 the decision actually taken).
+
+Every measure that exists per image keeps its per-image values (:class:`PerImage`)
+and a bootstrap 95 % interval of its mean (:class:`~lightning_vgg.report.stats.Estimate`,
+seeded with the measuring seed); the set-wide dead-channel fraction is not a per-image
+quantity and has no interval.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Literal
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_vgg.explain.atlas import Atlas, Score, compute_atlas
+from lightning_vgg.explain.atlas import Atlas, compute_atlas
 from lightning_vgg.explain.faithfulness import (
-    BaselineKind,
     deletion_insertion,
     random_deletion_insertion,
     rise_steps,
@@ -38,16 +40,40 @@ from lightning_vgg.explain.measures import (
     hoyer_sparsity,
     sparsity,
     spatial_contrast,
+    spatial_contrast_per_image,
     top_mass_share,
 )
 from lightning_vgg.explain.normalize import upsample
-from lightning_vgg.explain.sanity import randomized_copy, spearman_rank_correlation
+from lightning_vgg.explain.sanity import (
+    cascading_randomization,
+    randomized_copy,
+    spearman_rank_correlation,
+)
+from lightning_vgg.report.results import (
+    CAM_PER_IMAGE,
+    FEATURE_PER_IMAGE,
+    AucSummary,
+    Cascade,
+    CompareSettings,
+    CurvePair,
+    Curves,
+    Faithfulness,
+    LayerCam,
+    LayerFeatures,
+    MeanStd,
+    MeasureOptions,
+    ModelMeasures,
+    PerImage,
+    Sanity,
+)
+from lightning_vgg.report.stats import estimate, mean_pairwise_correlation
 
 __all__ = [
     "STAGE",
     "TARGET",
     "TOP_Q",
     "AucSummary",
+    "Cascade",
     "CompareSettings",
     "Curves",
     "Faithfulness",
@@ -57,6 +83,7 @@ __all__ = [
     "MeanStd",
     "MeasureOptions",
     "ModelMeasures",
+    "PerImage",
     "Sanity",
     "measure_model",
 ]
@@ -69,160 +96,6 @@ STAGE: Tap = "post"
 TOP_Q = 0.10
 #: How the deletion/insertion areas are computed, recorded with the numbers.
 AUC_RULE = "trapezoid rule over the fraction of pixels, [0, 1]"
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class MeanStd:
-    """Mean and population std of a per-image quantity."""
-
-    mean: float
-    std: float
-
-    @classmethod
-    def of(cls, values: Tensor) -> MeanStd:
-        """Summarise ``values`` in float64 (a single value has std 0)."""
-        v = values.double()
-        return cls(float(v.mean()), float(v.std(correction=0)) if v.numel() > 1 else 0.0)
-
-
-@dataclass(frozen=True)
-class LayerFeatures:
-    """Feature-map health of one layer (the keys of ``feature_map_measures``)."""
-
-    dead_channel_fraction: float
-    dead_channel_fraction_per_image: float
-    spatial_contrast: float
-    sparsity: float
-    hoyer_sparsity: float
-
-
-@dataclass(frozen=True)
-class LayerCam:
-    """Focus of one layer's Grad-CAM of the predicted class, averaged over images."""
-
-    cam_entropy: float
-    top_mass_share: float
-    zero_map_fraction: float
-
-
-@dataclass(frozen=True)
-class Sanity:
-    """Spearman correlation of one layer's maps with those of a re-initialised copy."""
-
-    spearman_mean: float
-    spearman_std: float
-
-
-@dataclass(frozen=True)
-class AucSummary:
-    """Deletion and insertion areas of one pixel order, on the probability and the logit."""
-
-    deletion_auc: MeanStd
-    insertion_auc: MeanStd
-    deletion_auc_logit: MeanStd
-    insertion_auc_logit: MeanStd
-
-    @classmethod
-    def of(cls, di: Mapping[str, Tensor]) -> AucSummary:
-        """Mean ± std over images of each area in a deletion/insertion result."""
-        return cls(*(MeanStd.of(di[f.name].cpu()) for f in fields(cls)))
-
-
-@dataclass(frozen=True)
-class CurvePair:
-    """Mean deletion and insertion curves (probability of the explained class)."""
-
-    deletion: list[float]
-    insertion: list[float]
-
-    @classmethod
-    def of(cls, di: Mapping[str, Tensor]) -> CurvePair:
-        """The curves averaged over images."""
-        return cls(
-            deletion=di["deletion_prob"].double().mean(0).tolist(),
-            insertion=di["insertion_prob"].double().mean(0).tolist(),
-        )
-
-
-@dataclass(frozen=True)
-class Curves:
-    """The last layer's Grad-CAM curves beside the random order's, on one x axis."""
-
-    fractions: list[float]
-    gradcam: CurvePair
-    random: CurvePair
-
-
-@dataclass(frozen=True)
-class Faithfulness:
-    """Deletion/insertion of the explained layers against random pixel orders."""
-
-    layer: str
-    target: str
-    score: str
-    deletion_baseline: str
-    insertion_baseline: str
-    steps: int
-    gradcam: dict[str, AucSummary]
-    random: AucSummary
-    curves: Curves
-
-    @property
-    def baseline(self) -> str:
-        """Both baselines in words, for titles."""
-        return f"deletion → {self.deletion_baseline}, insertion → {self.insertion_baseline}"
-
-
-@dataclass(frozen=True)
-class ModelMeasures:
-    """Every measure of one model on one image set; layers in network order."""
-
-    layers: list[str]
-    prob_dog: list[float]
-    features: dict[str, LayerFeatures]
-    gradcam: dict[str, LayerCam]
-    sanity: dict[str, Sanity]
-    faithfulness: Faithfulness
-
-    def accuracy(self, labels: Tensor) -> float:
-        """Share of the images whose thresholded ``P(dog)`` matches ``labels``."""
-        pred = torch.tensor(self.prob_dog) >= 0.5
-        return float((pred.long() == labels).double().mean())
-
-
-@dataclass(frozen=True)
-class MeasureOptions:
-    """How the measures are taken (the ``compare`` options that change numbers).
-
-    ``deletion_steps=None`` is RISE's one step per 224 pixels (:func:`rise_steps`).
-    ``faithfulness_layers`` runs deletion/insertion for the last conv layer only or
-    for every layer (13 times the cost). ``score`` picks what Grad-CAM
-    differentiates; the focus measures, rank correlations and pixel orders are
-    invariant to the per-image factor ``p(1-p)`` that tells ``logit`` and
-    ``probability`` apart, except where it underflows to 0 (all-zero maps).
-    """
-
-    batch_size: int = 25
-    deletion_steps: int | None = None
-    deletion_baseline: BaselineKind = "zero"
-    insertion_baseline: BaselineKind = "blur"
-    seed: int = 0
-    faithfulness_layers: Literal["last", "all"] = "last"
-    score: Score = "logit"
-
-
-@dataclass(frozen=True)
-class CompareSettings:
-    """The comparison's settings that its report and ``measures.json`` record."""
-
-    n_per_class: int
-    show_per_class: int
-    input_size: int
-    device: torch.device
-    measure: MeasureOptions
 
 
 # --------------------------------------------------------------------------- streaming
@@ -252,6 +125,7 @@ class FeatureStats:
         self.total = 0
         self.hoyer_sum = 0.0
         self.hoyer_n = 0
+        self.values: dict[str, list[float]] = {k: [] for k in FEATURE_PER_IMAGE}
 
     def update(self, acts: Tensor) -> None:
         """Add a batch ``(N, C, h, w)`` of post-ReLU activations."""
@@ -272,9 +146,13 @@ class FeatureStats:
         self.total += a.numel()
         self.hoyer_sum += hoyer_sparsity(a) * nonzero
         self.hoyer_n += nonzero
+        self.values["dead_channel_fraction_per_image"] += dead.tolist()
+        self.values["spatial_contrast"] += spatial_contrast_per_image(a).tolist()
+        self.values["sparsity"] += (a == 0).flatten(1).double().mean(1).tolist()
+        self.values["hoyer_sparsity"] += _hoyer_per_image(a).tolist()
 
-    def result(self) -> LayerFeatures:
-        """The pooled measures."""
+    def result(self, seed: int = 0) -> LayerFeatures:
+        """The pooled measures, with each per-image measure's interval (``seed``)."""
         if self.peak is None:
             raise ValueError("FeatureStats.result() before any update()")
         return LayerFeatures(
@@ -283,7 +161,17 @@ class FeatureStats:
             spatial_contrast=self.contrast_sum / max(self.live, 1),
             sparsity=self.zeros / self.total,
             hoyer_sparsity=self.hoyer_sum / self.hoyer_n if self.hoyer_n else 1.0,
+            per_image={k: estimate(v, seed) for k, v in self.values.items()},
         )
+
+
+def _hoyer_per_image(a: Tensor) -> Tensor:
+    """Hoyer sparsity of each image's code (``nan`` for an all-zero image), float64."""
+    flat = a.flatten(1).abs().double()
+    root = flat.shape[1] ** 0.5
+    l2 = flat.norm(dim=1)
+    h = (root - flat.sum(1) / l2.clamp_min(1e-300)) / max(root - 1, 1e-12)
+    return torch.where(l2 > 0, h.clamp(0.0, 1.0), torch.nan)
 
 
 def _cat_di(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -306,6 +194,10 @@ class _Parts:
     rho: dict[str, list[Tensor]] = field(default_factory=dict)
     di: dict[str, list[dict[str, Tensor]]] = field(default_factory=dict)
     random_di: list[dict[str, Tensor]] = field(default_factory=list)
+    last_cams: list[Tensor] = field(default_factory=list)
+    cascade_steps: list[str] = field(default_factory=list)
+    cascade: list[Tensor] = field(default_factory=list)
+    cascade_baseline: list[Tensor] = field(default_factory=list)
 
     def add_maps(self, atlas: Atlas, randomised: Atlas) -> None:
         """Feature maps, Grad-CAM focus and the sanity correlation of one batch."""
@@ -320,14 +212,41 @@ class _Parts:
             self.zero.setdefault(layer, []).append(zero.cpu())
             rho = spearman_rank_correlation(cam, randomised.cams[layer])
             self.rho.setdefault(layer, []).append(rho.cpu())
+        self.last_cams.append(atlas.cams[self.layers[-1]].detach().flatten(1).cpu())
+
+    def per_image(self) -> PerImage:
+        """The per-image values, concatenated over batches."""
+
+        def cat(parts: list[Tensor]) -> list[float]:
+            return torch.cat(parts).double().tolist()
+
+        last = _cat_di(self.di[self.layers[-1]])
+        rnd = _cat_di(self.random_di)
+        cascade = torch.cat(self.cascade, dim=1).double()
+        return PerImage(
+            features={layer: self.features[layer].values for layer in self.layers},
+            gradcam={
+                layer: {
+                    "cam_entropy": cat(self.entropy[layer]),
+                    "top_mass_share": cat(self.top[layer]),
+                    "zero_map_fraction": cat(self.zero[layer]),
+                }
+                for layer in self.layers
+            },
+            sanity={layer: cat(self.rho[layer]) for layer in self.layers},
+            faithfulness={
+                "deletion_auc": last["deletion_auc"].double().tolist(),
+                "insertion_auc": last["insertion_auc"].double().tolist(),
+                "random_deletion_auc": rnd["deletion_auc"].double().tolist(),
+                "random_insertion_auc": rnd["insertion_auc"].double().tolist(),
+            },
+            cascade={step: cascade[k].tolist() for k, step in enumerate(self.cascade_steps)},
+            cascade_baseline=cat(self.cascade_baseline),
+        )
 
     def result(self, opts: MeasureOptions, steps: int) -> ModelMeasures:
-        """The pooled measures of every batch added."""
-
-        def mean(parts: list[Tensor]) -> float:
-            return float(torch.cat(parts).double().mean())
-
-        layers = self.layers
+        """The pooled measures of every batch added, with bootstrap intervals."""
+        layers, seed, per = self.layers, opts.seed, self.per_image()
         random_di = _cat_di(self.random_di)
         per_layer = {layer: _cat_di(parts) for layer, parts in self.di.items()}
         faithfulness = Faithfulness(
@@ -337,27 +256,38 @@ class _Parts:
             deletion_baseline=opts.deletion_baseline,
             insertion_baseline=opts.insertion_baseline,
             steps=steps,
-            gradcam={layer: AucSummary.of(di) for layer, di in per_layer.items()},
-            random=AucSummary.of(random_di),
+            gradcam={layer: AucSummary.of(di, seed) for layer, di in per_layer.items()},
+            random=AucSummary.of(random_di, seed),
             curves=Curves(
                 fractions=[float(v) for v in random_di["fractions"]],
                 gradcam=CurvePair.of(per_layer[layers[-1]]),
                 random=CurvePair.of(random_di),
             ),
         )
-        sanity = {layer: MeanStd.of(torch.cat(self.rho[layer])) for layer in layers}
+        sanity = {layer: estimate(per.sanity[layer], seed) for layer in layers}
+        cams = {
+            layer: {k: estimate(v, seed) for k, v in per.gradcam[layer].items()} for layer in layers
+        }
         return ModelMeasures(
             layers=layers,
             prob_dog=torch.cat(self.probs).tolist(),
-            features={layer: self.features[layer].result() for layer in layers},
+            features={layer: self.features[layer].result(seed) for layer in layers},
             gradcam={
                 layer: LayerCam(
-                    mean(self.entropy[layer]), mean(self.top[layer]), mean(self.zero[layer])
+                    *(cams[layer][k].mean for k in CAM_PER_IMAGE), per_image=cams[layer]
                 )
                 for layer in layers
             },
-            sanity={layer: Sanity(s.mean, s.std) for layer, s in sanity.items()},
+            sanity={layer: Sanity(e.mean, e.std, e.ci95, e.n) for layer, e in sanity.items()},
             faithfulness=faithfulness,
+            cascade=Cascade(
+                layer=layers[-1],
+                steps=list(self.cascade_steps),
+                rho=[estimate(per.cascade[step], seed) for step in self.cascade_steps],
+                baseline=estimate(per.cascade_baseline, seed),
+            ),
+            cam_similarity=mean_pairwise_correlation(torch.cat(self.last_cams).double().numpy()),
+            per_image=per,
         )
 
 
@@ -375,6 +305,7 @@ def measure_model(
     """
     device = next(model.parameters()).device
     rand = randomized_copy(model, opts.seed)
+    rand2 = randomized_copy(model, opts.seed + 1)  # the random-vs-random baseline
     gen = torch.Generator().manual_seed(opts.seed)  # same random orders for every model
     size = tuple(images.shape[-2:])
     steps = rise_steps(*size) if opts.deletion_steps is None else opts.deletion_steps
@@ -394,7 +325,18 @@ def measure_model(
         sign = atlas.target_sign
         ratlas = compute_atlas(rand, x, target=sign, tap=STAGE, activations=False, score=opts.score)
         parts.add_maps(atlas, ratlas)
-        del ratlas
+        last = parts.layers[-1]
+        other = compute_atlas(
+            rand2, x, target=sign, activations=False, layers=[last], score=opts.score
+        )
+        parts.cascade_baseline.append(
+            spearman_rank_correlation(ratlas.cams[last], other.cams[last]).cpu()
+        )
+        parts.cascade_steps, rho = cascading_randomization(
+            model, x, sign, last, opts.seed, opts.score
+        )
+        parts.cascade.append(rho)
+        del ratlas, other
         explained = parts.layers if opts.faithfulness_layers == "all" else parts.layers[-1:]
         for layer in explained:
             saliency = upsample(atlas.cams[layer], size)[:, 0]
@@ -405,5 +347,5 @@ def measure_model(
         del atlas
         bar.update(x.shape[0])
     bar.close()
-    del rand
+    del rand, rand2
     return parts.result(opts, steps)

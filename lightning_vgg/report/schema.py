@@ -24,8 +24,10 @@ from lightning_vgg.report.measuring import (
     ModelMeasures,
 )
 from lightning_vgg.report.runs import RunInfo, TestImages
+from lightning_vgg.report.stats import bootstrap_settings
+from lightning_vgg.report.verdicts import THRESHOLDS, Verdict
 
-__all__ = ["clean", "report_json", "to_json"]
+__all__ = ["clean", "report_json", "to_json", "verdict_json"]
 
 
 def clean(obj: Any) -> Any:
@@ -64,6 +66,28 @@ def to_json(m: ModelMeasures) -> dict[str, Any]:
         "gradcam": {layer: asdict(v) for layer, v in m.gradcam.items()},
         "faithfulness": _faithfulness_json(m.faithfulness),
         "sanity": {layer: asdict(v) for layer, v in m.sanity.items()},
+        "cascade": asdict(m.cascade),
+        "cam_similarity": m.cam_similarity,
+        "per_image": asdict(m.per_image),
+    }
+
+
+def verdict_json(v: Verdict) -> dict[str, Any]:
+    """Accuracy intervals, paired differences (good − bad), baselines and findings."""
+    return {
+        "accuracy": {n: asdict(e) for n, e in v.accuracy.items()},
+        "accuracy_difference_good_minus_bad": asdict(v.accuracy_difference),
+        "differences_good_minus_bad": {
+            part: {layer: {k: asdict(e) for k, e in d.items()} for layer, d in layers.items()}
+            for part, layers in v.differences.items()
+        },
+        "gradcam_minus_random_auc": {
+            n: {k: asdict(e) for k, e in d.items()} for n, d in v.vs_random.items()
+        },
+        "output_spread": {n: {"std": s, "range": r} for n, (s, r) in v.output_spread.items()},
+        "per_class": {"cats": v.per_class[0], "dogs": v.per_class[1]},
+        "thresholds": asdict(THRESHOLDS),
+        "findings": [asdict(f) for f in v.findings],
     }
 
 
@@ -109,11 +133,14 @@ def report_json(
     images: TestImages,
     settings: CompareSettings,
     notes: Sequence[str],
+    verdict: Verdict,
 ) -> dict[str, Any]:
-    """The whole ``measures.json``: both models, the settings, notes and images."""
+    """The whole ``measures.json``: both models, the settings, verdict, notes and images."""
     good = measures["good"]
     doc: dict[str, Any] = {n: _model_json(runs[n], measures[n], images) for n in SEED_ROWS}
     doc["settings"] = _settings_json(settings, images, good.faithfulness.steps)
+    doc["bootstrap"] = bootstrap_settings(settings.measure.seed)
+    doc["verdict"] = verdict_json(verdict)
     doc["notes"] = list(notes)
     doc["images"] = [
         {

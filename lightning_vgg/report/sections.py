@@ -11,17 +11,10 @@ through a :data:`~lightning_vgg.report.figures.SaveFigure`, which returns the li
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
 
 from lightning_vgg.explain.atlas import score_label
 from lightning_vgg.explain.plots import atlas_comparison, feature_comparison, overlay_label
-from lightning_vgg.report.figures import (
-    SaveFigure,
-    deletion_insertion_curves,
-    learning_curves,
-    measures_by_layer,
-)
+from lightning_vgg.report.figures import SaveFigure, learning_curves
 from lightning_vgg.report.history import SEED_RESULTS, SEED_ROWS, SUMMARY_KEYS
 from lightning_vgg.report.html import (
     MISSING,
@@ -30,12 +23,21 @@ from lightning_vgg.report.html import (
     Para,
     Section,
     Table,
+    ci_cell,
     num_cell,
-    pm_cell,
+)
+from lightning_vgg.report.measured import (
+    CAM_FOCUS,
+    FEATURES,
+    faithfulness_section,
+    findings_section,
+    layer_part_section,
+    sanity_section,
 )
 from lightning_vgg.report.measuring import TARGET, CompareSettings, ModelMeasures
 from lightning_vgg.report.runs import RunInfo, TestImages, checkpoint_words
 from lightning_vgg.report.showcase import Showcase, Shown
+from lightning_vgg.report.verdicts import Verdict
 
 __all__ = [
     "SECTION_IDS",
@@ -49,6 +51,7 @@ TITLE = "Good vs broken VGG16: where do they look?"
 
 #: Stable ``id`` attributes of the report's sections (HTML anchors; tests rely on them).
 SECTION_IDS: tuple[str, ...] = (
+    "findings",
     "setup",
     "results",
     "learning-curves",
@@ -110,22 +113,37 @@ def intro(
 # --------------------------------------------------------------------------- sections
 
 
-def setup_section(
-    runs: Mapping[str, RunInfo], accuracy: Mapping[str, float], score: str
-) -> Section:
-    """The checkpoints compared and what the measures explain."""
+def setup_section(runs: Mapping[str, RunInfo], verdict: Verdict, score: str) -> Section:
+    """The checkpoints compared, their accuracy with intervals, and what is explained."""
+    acc, d = verdict.accuracy, verdict.accuracy_difference
     table = Table(
         ["", *NAMES],
         [
             ["checkpoint", *[checkpoint_words(runs[n]) for n in NAMES]],
-            ["accuracy on the measured images", *[num_cell(accuracy[n], "pct") for n in NAMES]],
+            [
+                "accuracy on the measured images [95% CI]",
+                *[ci_cell(acc[n].mean, acc[n].ci95, "pct") for n in NAMES],
+            ],
+            [
+                "P(dog) over the measured images: std, max − min",
+                *[
+                    f"{verdict.output_spread[n][0]:.3f}, {verdict.output_spread[n][1]:.3f}"
+                    for n in NAMES
+                ],
+            ],
         ],
+    )
+    cats, dogs = verdict.per_class
+    diff = Para(
+        f"Accuracy good − bad on the same {cats} cats and {dogs} dogs: "
+        f"{ci_cell(d.mean, d.ci95, 'pct').text} (paired bootstrap 95% CI)."
     )
     return Section(
         "setup",
         "Setup",
         [
             table,
+            diff,
             Para(
                 f"Grad-CAM in the measures explains each image's predicted class "
                 f"(`target={TARGET}`), differentiating its {_score_words(score)} "
@@ -285,191 +303,6 @@ def misclassified_section(
     return Section("misclassified", "Misclassification galleries", blocks)
 
 
-# --------------------------------------------------------------------------- measures
-
-
-def _pair_table(
-    measures: Mapping[str, ModelMeasures], part: str, keys: Sequence[tuple[str, str, str]]
-) -> Table:
-    """One row per layer; per measure, one column per model (``part``: a per-layer map)."""
-    columns = ["layer"]
-    for _, label, _ in keys:
-        columns += [f"{label} ({n})" for n in NAMES]
-    body = []
-    for layer in measures["good"].layers:
-        row: list[Cell | str] = [layer]
-        for key, _, kind in keys:
-            for n in NAMES:
-                row.append(num_cell(getattr(getattr(measures[n], part)[layer], key), kind, 3))
-        body.append(row)
-    return Table(columns, body)
-
-
-def _by_layer(measures: Mapping[str, ModelMeasures], part: str) -> dict[str, dict[str, Any]]:
-    """``model -> layer -> measure -> value`` of one per-layer map, for the figures."""
-    return {n: {layer: asdict(v) for layer, v in getattr(measures[n], part).items()} for n in NAMES}
-
-
-@dataclass(frozen=True)
-class _LayerPart:
-    """How one per-layer part of :class:`ModelMeasures` is shown: text, table, figure."""
-
-    #: The :class:`ModelMeasures` attribute (``layer -> measures``); it names the
-    #: section (``measures-<part>``) and its figure (``measures_<part>.png``).
-    part: str
-    title: str
-    text: str
-    #: Table columns: ``(measure, label, number format)``.
-    columns: tuple[tuple[str, str, str], ...]
-    #: Figure panels: ``(measure, panel title)``.
-    panels: tuple[tuple[str, str], ...]
-    figure_title: str
-    alt: str
-
-
-FEATURES = _LayerPart(
-    part="features",
-    title="Feature maps, measured",
-    text="Dead channels never fire on any of the measured images; spatial contrast is "
-    "the mean std/mean over each live channel's map (0 = the same everywhere, "
-    "carries no 'where'); zero activations is the share of exact zeros after the "
-    "ReLU; Hoyer sparsity (0..1) is scale-free.",
-    columns=(
-        ("dead_channel_fraction", "dead channels", "pct"),
-        ("spatial_contrast", "spatial contrast", "float"),
-        ("sparsity", "zero activations", "pct"),
-        ("hoyer_sparsity", "Hoyer sparsity", "float"),
-    ),
-    panels=(
-        ("dead_channel_fraction", "dead channels (fraction)"),
-        ("spatial_contrast", "spatial contrast (std / mean)"),
-        ("sparsity", "zero activations (fraction)"),
-        ("hoyer_sparsity", "Hoyer sparsity"),
-        ("dead_channel_fraction_per_image", "channels silent per image"),
-    ),
-    figure_title="Feature maps",
-    alt="feature-map measures by layer",
-)
-
-CAM_FOCUS = _LayerPart(
-    part="gradcam",
-    title="Grad-CAM focus, measured",
-    text="Per layer, on the Grad-CAM of each image's predicted class at the layer's own "
-    "resolution: normalised entropy (0 = one pixel, 1 = uniform; an all-zero map "
-    "counts as 1), share of the evidence in the top 10% of pixels (0.1 = uniform), "
-    "and the share of maps with no positive evidence at all.",
-    columns=(
-        ("cam_entropy", "entropy", "float"),
-        ("top_mass_share", "top-10% mass", "pct"),
-        ("zero_map_fraction", "all-zero maps", "pct"),
-    ),
-    panels=(
-        ("cam_entropy", "entropy (1 = uniform)"),
-        ("top_mass_share", "mass in top 10% of pixels"),
-        ("zero_map_fraction", "all-zero maps (fraction)"),
-    ),
-    figure_title="Grad-CAM of the predicted class",
-    alt="Grad-CAM measures by layer",
-)
-
-
-def layer_part_section(
-    measures: Mapping[str, ModelMeasures], spec: _LayerPart, save: SaveFigure
-) -> Section:
-    """Feature-map health (:data:`FEATURES`) or Grad-CAM focus (:data:`CAM_FOCUS`) by layer."""
-    by_layer = _by_layer(measures, spec.part)
-    figure = measures_by_layer(by_layer, spec.panels, title=spec.figure_title)
-    return Section(
-        f"measures-{spec.part}",
-        spec.title,
-        [
-            Para(spec.text),
-            _pair_table(measures, spec.part, spec.columns),
-            Image(save(figure, f"measures_{spec.part}.png"), spec.alt),
-        ],
-    )
-
-
-def faithfulness_section(measures: Mapping[str, ModelMeasures], save: SaveFigure) -> Section:
-    """Deletion and insertion areas of Grad-CAM against random pixel orders."""
-    rows = []
-    for n in NAMES:
-        rnd = measures[n].faithfulness.random
-        for layer, g in measures[n].faithfulness.gradcam.items():
-            rows.append(
-                [
-                    n,
-                    layer,
-                    pm_cell(g.deletion_auc.mean, g.deletion_auc.std),
-                    pm_cell(rnd.deletion_auc.mean, rnd.deletion_auc.std),
-                    pm_cell(g.insertion_auc.mean, g.insertion_auc.std),
-                    pm_cell(rnd.insertion_auc.mean, rnd.insertion_auc.std),
-                ]
-            )
-    fa = measures["good"].faithfulness
-    curves = {n: measures[n].faithfulness.curves for n in NAMES}
-    figure = deletion_insertion_curves(curves, fa.layer, fa.baseline)
-    columns = [
-        "model",
-        "layer",
-        "deletion AUC (Grad-CAM)",
-        "deletion AUC (random)",
-        "insertion AUC (Grad-CAM)",
-        "insertion AUC (random)",
-    ]
-    return Section(
-        "faithfulness",
-        "Faithfulness: deletion and insertion",
-        [
-            Para(
-                f"Pixels are removed (deletion) or revealed (insertion) in the order of the "
-                f"Grad-CAM of the predicted class, in {fa.steps} equal steps, as RISE "
-                "(Petsiuk et al. 2018) defines the game: deleted pixels become the "
-                f"`{fa.deletion_baseline}` baseline, insertion starts from the "
-                f"`{fa.insertion_baseline}` baseline (RISE: zero = black, and RISE's "
-                "blur); the curve follows the probability of the predicted class and the "
-                "area is the trapezoid rule over the fraction of pixels (0 to 1). A "
-                "faithful map has a lower deletion and a higher insertion area than a "
-                "random pixel order (same random orders for both models). Mean ± std over "
-                "images."
-            ),
-            Table(columns, rows),
-            Image(save(figure, "faithfulness.png"), "deletion and insertion curves"),
-        ],
-    )
-
-
-def sanity_section(measures: Mapping[str, ModelMeasures], save: SaveFigure) -> Section:
-    """The parameter-randomisation check: trained maps against a re-initialised copy's."""
-    body = []
-    for layer in measures["good"].layers:
-        row: list[Cell | str] = [layer]
-        for n in NAMES:
-            s = measures[n].sanity[layer]
-            row.append(pm_cell(s.spearman_mean, s.spearman_std))
-        body.append(row)
-    figure = measures_by_layer(
-        _by_layer(measures, "sanity"),
-        [("spearman_mean", "Spearman ρ, trained vs randomised")],
-        cols=1,
-    )
-    return Section(
-        "sanity-check",
-        "Sanity check: parameter randomisation",
-        [
-            Para(
-                "Spearman rank correlation, per layer and image, between the Grad-CAM of the "
-                "trained model and that of a re-initialised copy (same architecture, seeded "
-                "Keras-style initialisation) for the same class (Adebayo et al. 2018). Near 0: "
-                "the map depends on what the model learned; near 1: it would look the same "
-                "for an untrained network. A constant (e.g. all-zero) map counts as 0."
-            ),
-            Table(["layer", *[f"ρ ({n}, mean ± std)" for n in NAMES]], body),
-            Image(save(figure, "sanity.png"), "sanity check by layer"),
-        ],
-    )
-
-
 def build_sections(
     runs: Mapping[str, RunInfo],
     measures: Mapping[str, ModelMeasures],
@@ -478,16 +311,20 @@ def build_sections(
     galleries: Mapping[str, Sequence[str]],
     score: str,
     save: SaveFigure,
+    verdict: Verdict,
+    seed: int = 0,
 ) -> list[Section]:
     """Every section of the report, in reading order (ids as :data:`SECTION_IDS`)."""
+    del accuracy  # the verdict's accuracies carry their intervals
     measured = [
-        layer_part_section(measures, FEATURES, save),
-        layer_part_section(measures, CAM_FOCUS, save),
-        faithfulness_section(measures, save),
-        sanity_section(measures, save),
+        layer_part_section(measures, verdict, FEATURES, save, seed),
+        layer_part_section(measures, verdict, CAM_FOCUS, save, seed),
+        faithfulness_section(measures, verdict, save, seed),
+        sanity_section(measures, verdict, save, seed),
     ]
     return [
-        setup_section(runs, accuracy, score),
+        findings_section(verdict, measures),
+        setup_section(runs, verdict, score),
         results_section(runs),
         curves_section(runs, save),
         feature_maps_section(showcase, save),
