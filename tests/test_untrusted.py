@@ -89,7 +89,10 @@ def command_args(command: str, ckpt: Path, tmp_path: Path, image: Path) -> list[
             "--images",
             str(image),
         ]
-    return ["compare", f"--good={ckpt}", f"--bad={ckpt}", f"--out={tmp_path / 'report'}"]
+    other = tmp_path / "other" / "best.ckpt"  # compare refuses one checkpoint given twice
+    other.parent.mkdir(exist_ok=True)
+    other.write_bytes(ckpt.read_bytes())
+    return ["compare", f"--good={ckpt}", f"--bad={other}", f"--out={tmp_path / 'report'}"]
 
 
 @pytest.mark.parametrize("command", ["fit", "validate", "test", "predict", "explain", "compare"])
