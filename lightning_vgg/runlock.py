@@ -50,6 +50,21 @@ def claim_new_version(root: Path) -> Path:
         return folder
 
 
+def forget_if_empty(folder: Path | None) -> None:
+    """Remove a run folder this process claimed if the command wrote nothing into it.
+
+    A command that fails before training (a missing data source, say) would otherwise
+    leave an empty ``version_N`` behind, and the next fit would skip its number. Only
+    the folder and our own ``.lock`` go; any other file keeps the folder.
+    """
+    if folder is None or not folder.is_dir():
+        return
+    with contextlib.suppress(OSError):
+        if {p.name for p in folder.iterdir()} <= {LOCK_NAME}:
+            (folder / LOCK_NAME).unlink(missing_ok=True)
+            folder.rmdir()
+
+
 class RunLock:
     """An exclusive, process-lifetime lock on a run folder.
 

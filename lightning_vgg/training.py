@@ -40,7 +40,7 @@ from lightning_vgg.data.datamodule import CatsDogsDataModule
 from lightning_vgg.errors import UserError
 from lightning_vgg.models.module import VGGClassifier
 from lightning_vgg.parse_errors import OptionsError
-from lightning_vgg.runlock import RunLock, claim_new_version, command_line
+from lightning_vgg.runlock import RunLock, claim_new_version, command_line, forget_if_empty
 
 #: Commands that evaluate a checkpoint and refuse to run without one.
 EVAL_COMMANDS = ("validate", "test", "predict")
@@ -144,11 +144,13 @@ class VGGLightningCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.run_lock: RunLock | None = None
         self._resume_dir: Path | None = None
+        self._claimed: Path | None = None
         try:
             super().__init__(*args, **kwargs)
         finally:
             if self.run_lock is not None:
                 self.run_lock.release()
+            forget_if_empty(self._claimed)
 
     def before_instantiate_classes(self) -> None:
         """Point test/validate/predict at the fit run; claim and lock the run folder."""
@@ -187,7 +189,8 @@ class VGGLightningCLI(LightningCLI):
             return  # fast_dev_run: Lightning swaps the logger for a dummy that writes nothing
         root = Path(largs.save_dir) / str(largs.name or "default")
         if largs.version is None:
-            largs.version = claim_new_version(root).name
+            self._claimed = claim_new_version(root)
+            largs.version = self._claimed.name
         run_dir = root / (
             largs.version if isinstance(largs.version, str) else f"version_{largs.version}"
         )

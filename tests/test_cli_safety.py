@@ -255,13 +255,26 @@ def test_evaluation_without_checkpoint_is_refused(
     assert "--allow_untrained true" in line
 
 
-def test_allow_untrained_is_accepted_and_stripped(capsys: pytest.CaptureFixture[str]) -> None:
+def test_allow_untrained_is_accepted_and_stripped(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     # past the check, LightningCLI runs and reports the missing source (not the flag)
+    save = tmp_path / "runs"
     line = fails(
         capsys,
-        ["test", "--config", QUICK, "--data.source=/nonexistent", "--allow_untrained", "true"],
+        [
+            "test",
+            "--config",
+            QUICK,
+            "--data.source=/nonexistent",
+            f"--trainer.logger.init_args.save_dir={save}",
+            "--allow_untrained",
+            "true",
+        ],
     )
     assert "nonexistent" in line and "allow_untrained" not in line
+    # the run folder it claimed stayed empty, so it is gone: no gap in version numbers
+    assert list((save / "quick").iterdir()) == []
     assert require_checkpoint("test", ["--allow_untrained=true", "--x=1"]) == ["--x=1"]
     assert require_checkpoint("test", ["--allow_untrained", "--x=1"]) == ["--x=1"]
     with pytest.raises(UserError, match="test needs --ckpt_path"):
