@@ -86,3 +86,27 @@ def test_experiment_cli_reports_the_runs_bad_option_as_before(
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("error: ") and "max_epochz" in err[0]
     assert err[-1] == "(see: lightning-vgg fit --help)"
+
+
+def test_cpu_recipe_runs_a_few_batches(mini_zip: Path, tmp_path: Path) -> None:
+    """configs/cpu.yaml as written (model, optimizer, one-cycle, channels_last, fast
+    augmentation), on the mini archive for two batches: the recipe is exercised in CI
+    without being trained there."""
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "cpu.yaml"),
+            f"--data.source={mini_zip}",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+            "--data.split_sizes=[600, 200, 200]",
+            "--data.num_workers=0",
+            "--data.scan_workers=1",
+            "--trainer.fast_dev_run=2",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        ]
+    )
+    assert not (tmp_path / "runs" / "cpu").exists() or not any(
+        (tmp_path / "runs" / "cpu").iterdir()
+    )
