@@ -655,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
                 # last.ckpt of a 1 GB model after every epoch costs minutes; the seed is
                 # tested from best.ckpt, the control (one epoch) from last.ckpt
                 f"--last_checkpoint.every_n_epochs={1 if run == 'control' or a.smoke else 25}",
+                # best.ckpt is rewritten at every improvement; without the optimizer's
+                # momentum it is half the bytes (test needs only the weights)
+                "--checkpoint.save_weights_only=true",
                 "--trainer.callbacks+=lightning_vgg.callbacks.EpochProgress",
                 f"--trainer.callbacks.name={run}",
                 f"--trainer.callbacks.stop_at={fit_deadline:.0f}",

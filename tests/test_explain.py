@@ -68,7 +68,53 @@ def test_explain_writes_every_file_for_files_and_folders(
             with Image.open(out / rel) as im:
                 assert im.size[0] > 100
         assert (out / files["maps"]).is_file()
+        assert rec["scale"] == {
+            "kind": "per_map",
+            "unit": "logit per input pixel",
+            "quantile": None,
+        }
     assert not list(tmp_path.glob(".out*partial")), "no staging folder left"
+
+
+def test_explain_records_the_shared_scale_its_figures_use(tmp_path: Path, cat_photo: Path) -> None:
+    """With a shared scale, explain.json holds the number the colour bar's top stands for:
+    the 99th percentile of the image's non-zero Grad-CAM densities (recomputed here
+    from the saved raw maps)."""
+    from lightning_vgg.explain.normalize import shared_scale, to_density
+
+    ckpt = tiny_checkpoint(tmp_path / "m.ckpt")
+    for view in ("shared", "per_layer"):
+        out = tmp_path / view
+        main(
+            [
+                "explain",
+                f"--ckpt_path={ckpt}",
+                "--images",
+                str(cat_photo),
+                f"--out={out}",
+                "--device=cpu",
+                f"--normalize={view}",
+                "--workers=0",
+            ]
+        )
+        rec = json.loads((out / "explain.json").read_text())["images"][0]
+        raw = np.load(out / rec["files"]["maps"])
+        size = raw["input"].shape[-1]
+        dens = {
+            (cls, layer): to_density(torch.from_numpy(raw[f"gradcam_{cls}.{layer}"]), size)
+            for cls in ("dog", "cat")
+            for layer in LAYERS
+        }
+        scale = rec["scale"]
+        assert scale["unit"] == "logit per input pixel" and scale["quantile"] == 0.99
+        if view == "shared":
+            assert scale["kind"] == "absolute"
+            assert scale["top"] == pytest.approx(shared_scale(list(dens.values())), rel=1e-5)
+        else:
+            assert scale["kind"] == "per_layer" and set(scale["top"]) == set(LAYERS)
+            for layer in LAYERS:
+                want = shared_scale([dens["dog", layer], dens["cat", layer]])
+                assert scale["top"][layer] == pytest.approx(want, rel=1e-5)
 
 
 def test_explain_maps_match_captum_run_separately(

@@ -300,9 +300,35 @@ def test_compare_end_to_end(compared: dict[str, Path]) -> None:
             assert -1.0 <= m[name]["sanity"][layer]["spearman_mean"] <= 1.0
             assert 0.0 <= m[name]["gradcam"][layer]["zero_map_fraction"] <= 1.0
     assert m["good"]["results"]["test_acc"] is not None and m["bad"]["results"]["test_acc"] is None
-    # The good run's gallery (it was tested) is embedded; the bad one's is a note.
-    assert (out / "figures" / "good_misclassified_cat.png").is_file()
-    assert not list((out / "figures").glob("bad_misclassified_*"))
+    # Galleries are drawn from the measured images for both models (tested or not),
+    # on one scale shared by both; the atlas comes in an absolute and a per-layer view.
+    scales = m["figure_scales"]
+    drawn = sorted(p.name for p in (out / "figures").glob("*_misclassified_*.png"))
+    wrong = {
+        n: {
+            c: sum(
+                (i["prob_dog"][n] >= 0.5) != bool(i["label"])
+                for i in m["images"]
+                if i["label"] == c
+            )
+            for c in (0, 1)
+        }
+        for n in ("good", "bad")
+    }
+    expected = sorted(
+        f"{n}_misclassified_{c}.png"
+        for n in ("good", "bad")
+        for k, c in enumerate(("cat", "dog"))
+        if wrong[n][k]
+    )
+    assert drawn == expected and drawn
+    assert scales["misclassified"]["kind"] == "absolute" and scales["misclassified"]["top"] > 0
+    assert scales["misclassified"]["layer"] == "block5_conv3"
+    assert scales["gradcam"]["absolute"]["top"] > 0
+    assert set(scales["gradcam"]["per_layer"]["top"]) == set(layers)
+    for view in ("absolute", "per_layer"):
+        assert len(list((out / "figures").glob(f"gradcam_{view}_*.png"))) == 2
+    assert f"{scales['gradcam']['absolute']['top']:.3g} logit per input pixel" in text
     assert len(page.tables["measures-features"]) == 5 * 14  # 5 measures: header + 13 layers
     # Uncertainty: intervals, the bootstrap settings, paired differences, the cascade.
     assert m["bootstrap"]["B"] == 1000 and m["bootstrap"]["seed"] == 0
@@ -374,7 +400,7 @@ def test_report_renders_in_headless_chromium(compared: dict[str, Path], tmp_path
             "--hide-scrollbars",
             f"--user-data-dir={tmp_path / 'profile'}",
             f"--screenshot={shot}",
-            "--window-size=1400,3000",
+            "--window-size=1400,8000",  # the findings push figures down
             (compared["out"] / "report.html").resolve().as_uri(),
         ],
         capture_output=True,
@@ -385,7 +411,7 @@ def test_report_renders_in_headless_chromium(compared: dict[str, Path], tmp_path
     assert shot.is_file(), f"no screenshot (exit {proc.returncode}): {proc.stderr[-2000:]}"
     with Image.open(shot) as im:
         pixels = np.asarray(im.convert("RGB"), dtype=np.float32)
-    assert pixels.shape[:2] == (3000, 1400)
+    assert pixels.shape[:2] == (8000, 1400)
     assert pixels.std() > 20, "the page rendered blank"
     # Embedded figures rendered: plenty of non-white, colourful pixels, not just text.
     colourful = (pixels.max(axis=2) - pixels.min(axis=2)) > 60
@@ -394,7 +420,9 @@ def test_report_renders_in_headless_chromium(compared: dict[str, Path], tmp_path
 
 
 def test_comparison_figures_draw_and_check_layers(tmp_path: Path) -> None:
-    from lightning_vgg.explain.plots import atlas_comparison, feature_comparison
+    from lightning_vgg.explain.feature_plots import feature_comparison
+    from lightning_vgg.explain.plots import atlas_comparison
+    from lightning_vgg.explain.scales import CamScale
     from lightning_vgg.fileio import save_figure
 
     image = torch.rand(3, 32, 32)
@@ -404,12 +432,15 @@ def test_comparison_figures_draw_and_check_layers(tmp_path: Path) -> None:
         assert im.size[0] > 200 and im.size[1] > 150
     maps = {k: torch.rand(32, 32) for k in acts}
     zeros = {"block1_conv1": False, "block5_conv3": True}
-    fig = atlas_comparison(image, {"good: dog": (maps, zeros), "bad: dog": (maps, zeros)}, "t", "x")
+    scale = CamScale("absolute", "logit", 0.5)
+    fig = atlas_comparison(
+        image, {"good: dog": (maps, zeros), "bad: dog": (maps, zeros)}, scale, "t"
+    )
     with Image.open(save_figure(fig, tmp_path / "a.png")) as im:
         assert im.size[0] > 300
     with pytest.raises(ValueError, match="layers"):
         feature_comparison({"good": acts, "bad": {"block1_conv1": acts["block1_conv1"]}})
     with pytest.raises(ValueError, match="layers"):
         atlas_comparison(
-            image, {"a": (maps, zeros), "b": ({"block1_conv1": maps["block1_conv1"]}, {})}
+            image, {"a": (maps, zeros), "b": ({"block1_conv1": maps["block1_conv1"]}, {})}, scale
         )

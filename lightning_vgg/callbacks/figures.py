@@ -122,8 +122,11 @@ class GradCAMCallback(_ProbeCallback):
     Args:
         every_n_epochs: Draw after every n-th training epoch (and at fit/test end).
         per_class: Probe cats and dogs from the validation split.
-        normalize: ``shared`` (one scale across layers: weak evidence looks weak)
-            or ``per_map``.
+        normalize: ``shared`` (one absolute scale for every layer and probe image,
+            in the score's units per pixel: weak evidence looks weak), ``per_layer``
+            (one scale per layer, shared by the probe images: deep layers stay
+            readable) or ``per_map``. Fitted afresh each time the figures are drawn;
+            each figure's title and colour bar state the scale.
         log_to_logger: Also send figures to TensorBoard when it is the logger.
         score: What Grad-CAM differentiates: ``logit`` (``±logit``) or
             ``probability`` (``P(dog)`` / ``1 - P(dog)``, the seed's); see
@@ -136,7 +139,7 @@ class GradCAMCallback(_ProbeCallback):
         self,
         every_n_epochs: int = 10,
         per_class: int = 2,
-        normalize: Literal["shared", "per_map"] = "shared",
+        normalize: Literal["shared", "per_layer", "per_map"] = "shared",
         log_to_logger: bool = True,
         score: Literal["logit", "probability"] = "logit",
     ) -> None:
@@ -168,9 +171,9 @@ class MisclassificationGallery(Callback):
         k: Images per class.
         layer: Conv layer of the overlays (Keras name).
         score: What Grad-CAM differentiates: ``logit`` (``±logit`` of the predicted
-            class) or ``probability`` (its probability, as the seed). Each overlay
-            is scaled to its own maximum, so this only changes maps whose
-            ``p(1-p)`` underflows to 0 (saturated predictions: all-zero maps).
+            class) or ``probability`` (its probability, as the seed). A figure's
+            overlays share one absolute scale in that score's units per input
+            pixel (fitted to its maps), drawn as its colour bar.
     """
 
     def __init__(

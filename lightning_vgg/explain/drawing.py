@@ -11,22 +11,26 @@ from typing import Any
 import torch
 
 from lightning_vgg.explain.atlas import score_label
+from lightning_vgg.explain.feature_plots import feature_map_grid, feature_overview
 from lightning_vgg.explain.maps import ImageMaps, title_of, write_maps
-from lightning_vgg.explain.plots import (
-    atlas_figure,
-    feature_map_grid,
-    feature_overview,
-    gradcam_overlay,
-)
+from lightning_vgg.explain.plots import atlas_figure, gradcam_overlay
+from lightning_vgg.explain.scales import CamScale
 from lightning_vgg.fileio import save_figure
 
 __all__ = ["Done", "figure_pool", "write_image_files"]
 
 
 def write_image_files(
-    m: ImageMaps, out: Path, max_channels: int = 64, overview_n: int = 8, save_maps: bool = True
+    m: ImageMaps,
+    out: Path,
+    scale: CamScale,
+    max_channels: int = 64,
+    overview_n: int = 8,
+    save_maps: bool = True,
 ) -> dict[str, Any]:
     """All files of one image: feature grids, overview, overlays, the atlas and the raw maps.
+
+    ``scale`` is how ``m``'s maps were normalised (stated on every Grad-CAM figure).
 
     Returns:
         What was written, relative to ``out``: ``maps``, ``features`` (per layer),
@@ -54,13 +58,16 @@ def write_image_files(
                 m.image,
                 map01,
                 f"{layer}, Grad-CAM of {score_label(m.score, cls)} — {title}",
+                scale,
                 zero=c.zero[layer],
             )
             p = save_figure(fig, out / "gradcam" / f"{layer}_{cls}.png")
             files[f"gradcam_{cls}"][layer] = p.relative_to(out).as_posix()
     dog, cat = m.classes["dog"], m.classes["cat"]
     p = save_figure(
-        atlas_figure(m.image, dog.normalized, cat.normalized, dog.zero, cat.zero, title=title),
+        atlas_figure(
+            m.image, dog.normalized, cat.normalized, scale, dog.zero, cat.zero, title=title
+        ),
         out / "atlas.png",
     )
     files["atlas"] = p.relative_to(out).as_posix()

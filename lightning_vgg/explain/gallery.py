@@ -11,11 +11,19 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from lightning_vgg.explain.atlas import Score, compute_atlas
-from lightning_vgg.explain.normalize import normalize_per_map, upsample
+from lightning_vgg.explain.normalize import to_density
 from lightning_vgg.explain.plots import gallery_figure, overlay_label
+from lightning_vgg.explain.scales import CamScale, density_unit
 from lightning_vgg.labels import CLASS_NAMES
 
-__all__ = ["Mistake", "confident_mistakes", "mistakes_figure", "predicted_class_cams", "score_name"]
+__all__ = [
+    "Mistake",
+    "confident_mistakes",
+    "gallery_maps",
+    "mistakes_figure",
+    "predicted_class_cams",
+    "score_name",
+]
 
 
 @dataclass(frozen=True)
@@ -48,13 +56,18 @@ def confident_mistakes(logits: Tensor, labels: Tensor, k: int) -> dict[str, list
 
 
 def predicted_class_cams(model: nn.Module, images: Tensor, layer: str, score: Score) -> Tensor:
-    """Each image's Grad-CAM of its predicted class at ``layer``, upsampled to the image and
-    scaled to its own maximum: ``(N, H, W)`` in ``[0, 1]`` on the CPU."""
+    """Each image's Grad-CAM of its predicted class at ``layer`` as evidence per input
+    pixel (:func:`~lightning_vgg.explain.normalize.to_density`): ``(N, H, W)`` on the CPU."""
     atlas = compute_atlas(
         model, images, target="pred", layers=[layer], activations=False, score=score
     )
-    cam = upsample(atlas.cams[layer], (int(images.shape[-2]), int(images.shape[-1])))
-    return normalize_per_map(cam)[0][:, 0].cpu()
+    return to_density(atlas.cams[layer], (int(images.shape[-2]), int(images.shape[-1])))[:, 0].cpu()
+
+
+def gallery_maps(densities: Tensor, layer: str, scale: CamScale) -> Tensor:
+    """``(N, H, W)`` densities of ``layer`` as drawn on ``scale`` (an all-zero map stays
+    all zero, so the figure flags it)."""
+    return torch.stack([scale.normalize(layer, d) for d in densities])
 
 
 def score_name(score: Score, pred: int) -> str:
@@ -72,9 +85,14 @@ def mistakes_figure(
     true_class: int,
     layer: str,
     score: Score,
+    scale: CamScale | None = None,
 ) -> Figure:
     """One true class's gallery: the mistaken images with the Grad-CAM of what they were
     called (where the model looked to make its mistake).
+
+    The maps share one absolute scale, fitted to this gallery's maps unless ``scale``
+    is given (the report passes one shared by both models); the colour bar is in the
+    score's units per input pixel, so a model with little evidence does not look hot.
 
     Args:
         model: The classifier that made the mistakes.
@@ -84,10 +102,14 @@ def mistakes_figure(
         true_class: cat 0, dog 1.
         layer: Conv layer of the overlays (Keras name).
         score: What Grad-CAM differentiates.
+        scale: The display scale; ``None`` fits an absolute one to these maps.
     """
     maps01 = captions = None
     if images is not None and len(paths):
-        maps01 = predicted_class_cams(model, images, layer, score)
+        dens = predicted_class_cams(model, images, layer, score)
+        if scale is None:
+            scale = CamScale.fit("absolute", [(layer, d) for d in dens], density_unit(score))
+        maps01 = gallery_maps(dens, layer, scale)
         images = images.cpu()
         captions = [
             f"{Path(p).name}\n{overlay_label(m.prob_dog, true_class)}"
@@ -100,4 +122,5 @@ def mistakes_figure(
         captions or [],
         f"true {CLASS_NAMES[true_class]}s most confidently called {called} "
         f"(Grad-CAM of {score_name(score, 1 - true_class)}, {layer})",
+        scale or CamScale("per_map"),  # nothing drawn: the scale is not shown
     )

@@ -20,13 +20,9 @@ from torch import Tensor
 
 from lightning_vgg.explain.atlas import Atlas, Score, captum_gradcam, compute_atlas, score_label
 from lightning_vgg.explain.hooks import Tap
-from lightning_vgg.explain.normalize import (
-    normalize_per_map,
-    normalize_shared,
-    shared_scale,
-    to_density,
-)
+from lightning_vgg.explain.normalize import normalize_per_map, to_density
 from lightning_vgg.explain.plots import overlay_label
+from lightning_vgg.explain.scales import CamScale, density_unit
 from lightning_vgg.fileio import atomic_path
 from lightning_vgg.labels import CLASS_NAMES
 
@@ -43,7 +39,9 @@ __all__ = [
     "write_maps",
 ]
 
-Normalize = Literal["per_map", "shared"]
+#: Grad-CAM display scale (see :mod:`lightning_vgg.explain.scales`): ``shared`` is the
+#: absolute scale.
+Normalize = Literal["per_map", "shared", "per_layer"]
 
 #: The explained classes in output order (dog first, as every file and figure lists
 #: them) and the sign of the logit that is each one's score: ``+logit`` is dog.
@@ -141,30 +139,33 @@ def image_maps(
 
 
 def normalize_maps(
-    maps: Sequence[ImageMaps], normalize: Normalize, scale: float | None = None
-) -> float | None:
+    maps: Sequence[ImageMaps], normalize: Normalize, scale: CamScale | None = None
+) -> CamScale:
     """Fill every class's displayable ``normalized`` maps in [0, 1] and their zero flags.
 
     ``per_map`` stretches each map to its own maximum (what CAM libraries do);
-    ``shared`` divides every map by one scale (a high quantile of all maps given,
-    or ``scale``) so weak evidence looks weak across layers and checkpoints.
+    ``shared`` divides every map by one absolute scale (a high quantile of all maps
+    given, or ``scale``) so weak evidence looks weak across layers and checkpoints;
+    ``per_layer`` gives each layer its own scale, shared by all the maps given.
+    The zero flag is the map's own (no positive value at all), whatever the scale.
 
     Returns:
-        The shared scale used, or ``None`` for per-map.
+        The scale used, for the figures' titles and colour bars.
     """
-    if normalize == "shared" and scale is None:
-        scale = shared_scale(
-            [d for m in maps for c in m.classes.values() for d in c.density.values()]
-        )
+    if scale is None:
+        kind = {"per_map": "per_map", "shared": "absolute", "per_layer": "per_layer"}[normalize]
+        unit = density_unit(maps[0].score) if maps else "logit"
+        pairs = [(k, d) for m in maps for c in m.classes.values() for k, d in c.density.items()]
+        across = "all layers and classes" if kind == "absolute" else "the images and classes"
+        if len(maps) == 1:
+            across = across.replace("the images and classes", "both classes")
+        scale = CamScale.fit(kind, pairs, unit, across)  # type: ignore[arg-type]
     for m in maps:
         for c in m.classes.values():
             for layer, d in c.density.items():
-                per, zero = normalize_per_map(d[None, None])
-                c.zero[layer] = bool(zero[0])
-                c.normalized[layer] = (
-                    per[0, 0] if normalize == "per_map" else normalize_shared(d, float(scale))
-                )
-    return scale if normalize == "shared" else None
+                c.zero[layer] = bool(normalize_per_map(d[None, None])[1][0])
+                c.normalized[layer] = scale.normalize(layer, d)
+    return scale
 
 
 def title_of(m: ImageMaps) -> str:

@@ -1,84 +1,76 @@
-"""Matplotlib figures for the atlas: feature-map grids, Grad-CAM overlays, per-image atlases.
+"""Matplotlib figures of Grad-CAM: overlays, per-image atlases, galleries and model-beside-model atlases.
 
 Every function returns a :class:`~matplotlib.figure.Figure` built on the Agg canvas
 directly (not through ``pyplot``), so nothing depends on the process's backend or
 display and no global figure registry grows while thousands of figures are drawn; save
 each with :func:`lightning_vgg.fileio.save_figure` (atomic, and it closes the figure).
 
-Inputs may be torch tensors (any device) or NumPy arrays. Maps handed to the overlay
-functions are already in ``[0, 1]`` (see :mod:`lightning_vgg.explain.normalize` for the
-per-map and shared normalisations); these functions never rescale them, so a weak map
-stays faint, and an all-zero map is flagged in text rather than drawn.
+Inputs may be torch tensors (any device) or NumPy arrays. Maps handed to these
+functions are already in ``[0, 1]`` on a :class:`~lightning_vgg.explain.scales.CamScale`,
+which every figure names in its title and draws as a colour bar with its unit; they
+are never rescaled here, so a weak map stays faint. An all-zero map (no evidence at
+all) is drawn in the colour scale's darkest colour and marked "all-zero map".
+Feature-map figures are in :mod:`lightning_vgg.explain.feature_plots`.
 """
 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping
 from typing import Any
 
-import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
+from lightning_vgg.explain.scales import CamScale
 from lightning_vgg.labels import CLASS_NAMES
 
 __all__ = [
+    "CAM_CMAP",
     "OVERLAY_ALPHA",
+    "ZERO_FLAG",
     "atlas_comparison",
     "atlas_figure",
     "draw_overlay",
-    "feature_comparison",
-    "feature_map_grid",
-    "feature_overview",
+    "figure_agg",
+    "gallery_figure",
     "gradcam_overlay",
-    "minmax",
+    "image_hwc",
     "overlay_label",
+    "to_numpy",
 ]
 
-#: Largest side (px) of one channel in a feature-map grid; larger maps are averaged down.
-GRID_CELL_MAX = 112
-#: Opacity of the jet heat map over the photo.
+#: Colour map of every Grad-CAM figure (its darkest colour is "no evidence").
+CAM_CMAP = "jet"
+#: Opacity of the heat map over the photo.
 OVERLAY_ALPHA = 0.45
-#: Text drawn instead of a heat map when the map is all zero.
+#: The mark on a map that holds no evidence at all.
 ZERO_FLAG = "all-zero map"
 
 
-def _np(x: Any) -> np.ndarray:
+def to_numpy(x: Any) -> np.ndarray:
     """A float NumPy copy of a tensor or array (detached, on the CPU)."""
     if hasattr(x, "detach"):
         x = x.detach().to("cpu").float().numpy()
     return np.asarray(x, dtype=np.float32)
 
 
-def _figure(width: float, height: float, constrained: bool = True) -> Figure:
+def figure_agg(width: float, height: float, constrained: bool = True) -> Figure:
     """A pyplot-free figure on the Agg canvas; constrained layout keeps titles tight."""
     fig = Figure(figsize=(width, height), layout="constrained" if constrained else None)
     FigureCanvasAgg(fig)
     return fig
 
 
-def minmax(channel: Any) -> np.ndarray:
-    """Min-max scale one channel to ``[0, 1]`` for display; a constant channel gives zeros.
-
-    Per-channel scaling shows each channel's pattern (as the seed did); a constant
-    channel (typically dead after ReLU) has no pattern, and dividing by its zero
-    range would turn rounding noise into one, so it is drawn flat instead.
-    """
-    a = _np(channel)
-    lo, hi = float(np.min(a)), float(np.max(a))
-    span = hi - lo
-    # Relative to the magnitude: float32 rounding of a constant is ~1e-7 of it.
-    if not np.isfinite(span) or span == 0 or span <= 1e-6 * max(abs(hi), abs(lo)):
-        return np.zeros_like(a)
-    return (a - lo) / span
-
-
-def _image_hwc(image: Any) -> np.ndarray:
+def image_hwc(image: Any) -> np.ndarray:
     """``(3, H, W)`` or ``(H, W, 3)`` in ``[0, 1]`` to ``(H, W, 3)`` clipped to ``[0, 1]``."""
-    a = _np(image)
+    a = to_numpy(image)
     if a.ndim != 3:
         raise ValueError(f"image must have 3 dims, got shape {a.shape}")
     if a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
@@ -90,7 +82,7 @@ def _image_hwc(image: Any) -> np.ndarray:
 
 def _map_hw(map01: Any, size: tuple[int, int]) -> np.ndarray:
     """A ``(H, W)`` map, resized bilinearly to ``size`` if it is smaller/larger."""
-    m = _np(map01)
+    m = to_numpy(map01)
     m = m.reshape(m.shape[-2:])
     if m.shape != size:
         import torch
@@ -126,6 +118,26 @@ def overlay_label(prob_dog: float, true_label: int | str | None = None) -> str:
     return f"{text} | true {true}"
 
 
+def _no_ticks(ax: Axes) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _flag_zero(ax: Axes, fontsize: float) -> None:
+    """The "all-zero map" mark, centred on the axis."""
+    ax.text(
+        0.5,
+        0.5,
+        ZERO_FLAG,
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        fontsize=fontsize,
+        color="white",
+        bbox={"facecolor": "black", "alpha": 0.75, "pad": 2, "edgecolor": "white"},
+    )
+
+
 def draw_overlay(
     ax: Axes,
     image: Any,
@@ -135,7 +147,7 @@ def draw_overlay(
     alpha: float = OVERLAY_ALPHA,
     fontsize: float = 8,
 ) -> None:
-    """Draw ``image`` with a jet heat map of ``map01`` on top, on one axis.
+    """Draw ``image`` with a heat map of ``map01`` on top, on one axis.
 
     Args:
         ax: Target axis (its ticks are removed).
@@ -145,176 +157,119 @@ def draw_overlay(
             ``None`` draws the plain image.
         label: Title of the axis.
         zero: Whether the map is all zero (e.g. ``normalize_per_map``'s flag); ``None``
-            infers it from the map. A zero map draws the plain image and the text
-            "all-zero map" instead of a meaningless uniform (or noisy) colour.
+            infers it from the map. A zero map is drawn as zeros (the darkest colour,
+            so it never looks brighter than a weak map) and marked "all-zero map".
         alpha: Heat-map opacity.
         fontsize: Title and flag font size.
     """
-    img = _image_hwc(image)
+    img = image_hwc(image)
     ax.imshow(img, interpolation="bilinear")
     if map01 is not None:
         m = _map_hw(map01, img.shape[:2])
         is_zero = bool(zero) if zero is not None else not bool(np.nanmax(m) > 0)
         if is_zero:
-            ax.text(
-                0.5,
-                0.5,
-                ZERO_FLAG,
-                transform=ax.transAxes,
-                ha="center",
-                va="center",
-                fontsize=fontsize,
-                color="white",
-                bbox={"facecolor": "black", "alpha": 0.6, "pad": 2, "edgecolor": "none"},
-            )
-        else:
-            ax.imshow(m, cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0, interpolation="bilinear")
+            m = np.zeros_like(m)
+        ax.imshow(m, cmap=CAM_CMAP, alpha=alpha, vmin=0.0, vmax=1.0, interpolation="bilinear")
+        if is_zero:
+            _flag_zero(ax, fontsize)
     if label:
         ax.set_title(label, fontsize=fontsize)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    _no_ticks(ax)
 
 
-def gradcam_overlay(image: Any, map01: Any, title: str, zero: bool | None = None) -> Figure:
-    """One image with its Grad-CAM overlay: the photo, the overlay, and the map alone.
+def cam_colorbar(fig: Figure, scale: CamScale, cax: Axes | None = None, ax: Any = None) -> None:
+    """The colour bar of a Grad-CAM figure: ``scale``'s range and unit.
+
+    On the absolute scale its ticks are in the score's units per input pixel; on the
+    others they are fractions (of each map's maximum, or of each layer's scale).
+    """
+    bar = fig.colorbar(
+        ScalarMappable(Normalize(0.0, scale.colorbar_max()), cmap=CAM_CMAP),
+        cax=cax,
+        ax=None if cax is not None else ax,
+        shrink=1.0 if cax is not None else 0.85,
+        pad=0.01,
+    )
+    bar.set_label(scale.colorbar_label(), fontsize=7)
+    bar.ax.tick_params(labelsize=7)
+    # plain short numbers (no "1e-5" offset text floating above the bar)
+    bar.formatter = FuncFormatter(lambda v, _: f"{v:.3g}")
+
+
+def gradcam_overlay(
+    image: Any, map01: Any, title: str, scale: CamScale, zero: bool | None = None
+) -> Figure:
+    """One image with its Grad-CAM: the photo, the overlay, and the map alone, with a colour bar.
 
     Args:
         image: ``(3, H, W)`` in ``[0, 1]``.
-        map01: ``(H, W)`` in ``[0, 1]``.
+        map01: ``(H, W)`` in ``[0, 1]`` on ``scale``.
         title: Figure title (e.g. the layer name and :func:`overlay_label`).
+        scale: How ``map01`` was scaled; stated in the title and the colour bar.
         zero: All-zero flag (inferred when ``None``); see :func:`draw_overlay`.
     """
-    fig = _figure(9.0, 3.4)
+    fig = figure_agg(10.0, 3.6)
     axes = fig.subplots(1, 3)
     draw_overlay(axes[0], image, None, "image")
-    draw_overlay(axes[1], image, map01, "Grad-CAM", zero=zero)
-    m = _map_hw(map01, _image_hwc(image).shape[:2])
-    axes[2].imshow(m, cmap="jet", vmin=0.0, vmax=1.0)
-    axes[2].set_title("map", fontsize=8)
-    axes[2].set_xticks([])
-    axes[2].set_yticks([])
-    fig.suptitle(title, fontsize=10)
+    draw_overlay(axes[1], image, map01, "Grad-CAM over the image", zero=zero)
+    m = _map_hw(map01, image_hwc(image).shape[:2])
+    is_zero = bool(zero) if zero is not None else not bool(np.nanmax(m) > 0)
+    axes[2].imshow(np.zeros_like(m) if is_zero else m, cmap=CAM_CMAP, vmin=0.0, vmax=1.0)
+    if is_zero:
+        _flag_zero(axes[2], 8)
+    axes[2].set_title("Grad-CAM alone", fontsize=8)
+    _no_ticks(axes[2])
+    cam_colorbar(fig, scale, ax=list(axes))
+    fig.suptitle(f"{title}\n{scale.title()}", fontsize=9)
     return fig
 
 
-def block_mean(a: np.ndarray, k: int) -> np.ndarray:
-    """Average ``(C, h, w)`` over ``k x k`` blocks (edge rows/columns past a multiple of
-    ``k`` are dropped): an area filter for shrinking maps before display."""
-    if k <= 1:
-        return a
-    c, h, w = a.shape
-    hk, wk = max(1, h // k), max(1, w // k)
-    kh, kw = min(k, h), min(k, w)
-    return a[:, : hk * kh, : wk * kw].reshape(c, hk, kh, wk, kw).mean(axis=(2, 4))
+def _cam_grid(
+    fig: Figure,
+    image: Any,
+    rows: Mapping[str, tuple[Mapping[str, Any], Mapping[str, bool]]],
+    scale: CamScale,
+    layout: Mapping[str, float],
+) -> None:
+    """The image at the left, one row per ``rows`` entry, one column per layer, a colour bar."""
+    labels = list(rows)
+    layers = list(rows[labels[0]][0])
+    ratios = [1.4, 0.35] + [1.0] * len(layers) + [0.12]
+    grid = fig.add_gridspec(len(labels), len(ratios), width_ratios=ratios, **layout)
+    draw_overlay(fig.add_subplot(grid[:, 0]), image, None, "image")
+    for i, lab in enumerate(labels):
+        maps, zeros = rows[lab]
+        for j, layer in enumerate(layers):
+            ax = fig.add_subplot(grid[i, j + 2])
+            draw_overlay(
+                ax, image, maps[layer], layer if i == 0 else None, zero=zeros.get(layer), fontsize=7
+            )
+            if j == 0:
+                ax.set_ylabel(lab, fontsize=8)
+            if i == len(labels) - 1 and scale.column_note(layer):
+                ax.set_xlabel(scale.column_note(layer), fontsize=6)
+    cam_colorbar(fig, scale, cax=fig.add_subplot(grid[:, -1]))
 
 
-def tile_channels(a: np.ndarray, cols: int, cell: int | None = None, pad: int = 1) -> np.ndarray:
-    """Tile ``(C, h, w)`` channels, each min-max scaled, into one mosaic (NaN gaps).
-
-    One ``imshow`` of a mosaic renders far faster than one axis per channel, which
-    matters when ``explain`` draws 13 grids for every image.
-
-    Args:
-        a: Channels to tile.
-        cols: Channels per mosaic row.
-        cell: Side each channel is scaled to (nearest); ``None`` keeps ``h, w``.
-        pad: Gap between channels, drawn in the background colour.
-    """
-    c, h, w = a.shape
-    if cell is not None and (h, w) != (cell, cell):
-        ri = (np.arange(cell) * h // cell).clip(0, h - 1)
-        ci = (np.arange(cell) * w // cell).clip(0, w - 1)
-        a = a[:, ri][:, :, ci]
-        h = w = cell
-    rows = math.ceil(c / cols)
-    out = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad), np.nan, dtype=np.float32)
-    for i in range(c):
-        r, k = divmod(i, cols)
-        out[r * (h + pad) : r * (h + pad) + h, k * (w + pad) : k * (w + pad) + w] = minmax(a[i])
-    return out
-
-
-def _mosaic_axis(ax: Axes, mosaic: np.ndarray) -> None:
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
-    ax.imshow(mosaic, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_frame_on(False)
-
-
-def feature_map_grid(act: Any, name: str, max_channels: int = 64) -> Figure:
-    """The first ``max_channels`` channels of one layer as a square-ish grid.
-
-    Each channel is min-max scaled on its own (:func:`minmax`), so patterns show
-    whatever their magnitude, and a constant (dead) channel is drawn flat. The title
-    is the layer name and the full map shape, e.g. ``block3_conv2  (256, 56, 56)``,
-    plus how many channels are shown when not all.
-
-    Args:
-        act: ``(C, h, w)`` feature maps of one image.
-        name: Layer name for the title.
-        max_channels: Most channels drawn.
-    """
-    a = _np(act)
-    if a.ndim != 3:
-        raise ValueError(f"act must be (C, h, w), got shape {a.shape}")
-    if max_channels < 1:
-        raise ValueError(f"max_channels must be at least 1, got {max_channels}")
-    c = a.shape[0]
-    n = min(c, max_channels)
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    shown = a[:n]
-    if max(shown.shape[1:]) > GRID_CELL_MAX:
-        # A cell is drawn about 1.3 in = 130 px wide: average down to that size here
-        # (area filter, no aliasing) instead of letting the renderer resample a mosaic
-        # several times larger than the figure.
-        shown = block_mean(shown, math.ceil(max(shown.shape[1:]) / GRID_CELL_MAX))
-    cell = max(shown.shape[1], 24)
-    fig = _figure(max(3.0, 1.3 * cols), 1.3 * rows + 0.5)
-    _mosaic_axis(fig.add_subplot(), tile_channels(shown, cols, cell=cell, pad=max(1, cell // 12)))
-    title = f"{name}  {tuple(int(s) for s in a.shape)}"
-    if n < c:
-        title += f"  (first {n} of {c} channels)"
-    fig.suptitle(title, fontsize=11)
-    return fig
-
-
-def feature_overview(acts: Mapping[str, Any], n: int = 8) -> Figure:
-    """The first ``n`` channels of every layer, one row per layer (the depth at a glance).
-
-    Args:
-        acts: ``name -> (C, h, w)`` for one image, in network order.
-        n: Channels per row.
-    """
-    if not acts:
-        raise ValueError("feature_overview needs at least one layer")
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
-    rows = len(acts)
-    fig = _figure(1.2 * n + 1.6, 1.2 * rows + 0.4)
-    axes = fig.subplots(rows, 1, squeeze=False)[:, 0]
-    cell = 48
-    for ax, (name, act) in zip(axes, acts.items(), strict=True):
-        a = _np(act)
-        if a.ndim != 3:
-            raise ValueError(f"{name}: act must be (C, h, w), got shape {a.shape}")
-        _mosaic_axis(ax, tile_channels(a[:n], n, cell=cell, pad=3))
-        ax.set_ylabel(
-            f"{name}\n{tuple(int(s) for s in a.shape)}",
-            rotation=0,
-            ha="right",
-            va="center",
-            fontsize=8,
-        )
-    fig.suptitle(f"first {n} channels of each layer", fontsize=11)
-    return fig
+def _check_rows(
+    rows: Mapping[str, tuple[Mapping[str, Any], Mapping[str, bool]]], what: str
+) -> None:
+    labels = list(rows)
+    if not labels:
+        raise ValueError(f"{what} needs at least one row")
+    layers = list(rows[labels[0]][0])
+    if not layers:
+        raise ValueError(f"{what} needs at least one layer")
+    for lab in labels[1:]:
+        if list(rows[lab][0]) != layers:
+            raise ValueError(f"row {lab!r} has layers {list(rows[lab][0])}, not {layers}")
 
 
 def atlas_figure(
     image: Any,
     maps_dog: Mapping[str, Any],
     maps_cat: Mapping[str, Any],
+    scale: CamScale,
     zero_dog: Mapping[str, bool] | None = None,
     zero_cat: Mapping[str, bool] | None = None,
     title: str = "",
@@ -328,6 +283,7 @@ def atlas_figure(
         image: ``(3, H, W)`` in ``[0, 1]``.
         maps_dog: ``name -> (H, W)`` in ``[0, 1]`` for the dog score.
         maps_cat: The same names for the cat score.
+        scale: How the maps were scaled; stated in the title and the colour bar.
         zero_dog: ``name -> all-zero flag``; missing names are inferred.
         zero_cat: Likewise for the cat maps.
         title: Figure title (e.g. file name and :func:`overlay_label`).
@@ -338,49 +294,35 @@ def atlas_figure(
     missing = [k for k in names if k not in maps_cat]
     if missing:
         raise ValueError(f"maps_cat lacks layers {missing}")
-    zero_dog = zero_dog or {}
-    zero_cat = zero_cat or {}
-    cols = len(names)
-    fig = _figure(1.55 * (cols + 1.6), 3.8, constrained=False)
-    # Column 1 is a spacer that keeps the row labels off the image.
-    grid = fig.add_gridspec(
-        2, cols + 2, width_ratios=[1.4, 0.2] + [1.0] * cols, wspace=0.05, hspace=0.15
-    )
-    draw_overlay(fig.add_subplot(grid[:, 0]), image, None, "image")
-    for j, name in enumerate(names):
-        ax_d = fig.add_subplot(grid[0, j + 2])
-        ax_c = fig.add_subplot(grid[1, j + 2])
-        draw_overlay(ax_d, image, maps_dog[name], name, zero=zero_dog.get(name), fontsize=7)
-        draw_overlay(ax_c, image, maps_cat[name], None, zero=zero_cat.get(name), fontsize=7)
-        if j == 0:
-            ax_d.set_ylabel("dog", fontsize=9)
-            ax_c.set_ylabel("cat", fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=11)
+    rows = {"dog": (maps_dog, zero_dog or {}), "cat": (maps_cat, zero_cat or {})}
+    fig = figure_agg(1.55 * (len(names) + 1.8), 4.1, constrained=False)
+    _cam_grid(fig, image, rows, scale, {"wspace": 0.05, "hspace": 0.15, "top": 0.8})
+    fig.suptitle(f"{title}\n{scale.title()}" if title else scale.title(), fontsize=10)
     return fig
 
 
 def gallery_figure(
-    images: Any, maps01: Any, labels: list[str], title: str, cols: int = 4
+    images: Any, maps01: Any, labels: list[str], title: str, scale: CamScale, cols: int = 4
 ) -> Figure:
     """A grid of images with their Grad-CAM overlays (the misclassification gallery).
 
     Args:
         images: ``(N, 3, H, W)`` in ``[0, 1]``.
-        maps01: ``(N, H, W)`` in ``[0, 1]``, or ``None`` entries for plain images.
+        maps01: ``(N, H, W)`` in ``[0, 1]`` on ``scale``, or ``None`` for plain images.
         labels: One caption per image (e.g. :func:`overlay_label` plus the file name).
         title: Figure title.
+        scale: How the maps were scaled; stated in the title and the colour bar.
         cols: Images per row.
     """
     n = len(labels)
     if n == 0:
-        fig = _figure(6, 1.2)
+        fig = figure_agg(6, 1.2)
         fig.suptitle(title, fontsize=11)
         fig.text(0.5, 0.4, "no misclassified images", ha="center", va="center")
         return fig
     cols = min(cols, n)
     rows = math.ceil(n / cols)
-    fig = _figure(2.6 * cols, 2.7 * rows + 0.4)
+    fig = figure_agg(2.6 * cols + 0.8, 2.7 * rows + 0.7)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for i, ax in enumerate(axes):
         if i < n:
@@ -389,133 +331,40 @@ def gallery_figure(
             )
         else:
             ax.set_axis_off()
-    fig.suptitle(title, fontsize=11)
-    return fig
-
-
-def feature_comparison(
-    acts_by_model: Mapping[str, Mapping[str, Any]],
-    image: Any | None = None,
-    n: int = 8,
-    title: str = "",
-) -> Figure:
-    """The first ``n`` channels of every layer for several models, layer beside layer.
-
-    One row per layer, one column per model (e.g. good | broken), each cell a strip
-    of ``n`` channels min-max scaled on their own (:func:`minmax`; a dead channel is
-    drawn flat, in the colormap's darkest colour). With ``image`` the first row shows
-    the input once per column.
-
-    Args:
-        acts_by_model: ``model name -> (layer -> (C, h, w))`` for one image; every
-            model must have the same layers, in network order.
-        image: ``(3, H, W)`` in ``[0, 1]``, drawn on top; ``None`` leaves it out.
-        n: Channels per layer and model.
-        title: Figure title.
-    """
-    models = list(acts_by_model)
-    if not models:
-        raise ValueError("feature_comparison needs at least one model")
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
-    layers = list(acts_by_model[models[0]])
-    if not layers:
-        raise ValueError("feature_comparison needs at least one layer")
-    for m in models[1:]:
-        if list(acts_by_model[m]) != layers:
-            raise ValueError(f"model {m!r} has layers {list(acts_by_model[m])}, not {layers}")
-    rows = len(layers) + (image is not None)
-    cols = len(models)
-    fig = _figure(cols * (0.75 * n + 0.4) + 1.6, 0.8 * rows + 0.7)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    offset = 0
-    if image is not None:
-        for j, m in enumerate(models):
-            ax = axes[0, j]
-            ax.imshow(_image_hwc(image), interpolation="bilinear")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_frame_on(False)
-            ax.set_title(m, fontsize=10)
-        axes[0, 0].set_ylabel("input", rotation=0, ha="right", va="center", fontsize=8)
-        offset = 1
-    for i, layer in enumerate(layers):
-        for j, m in enumerate(models):
-            a = _np(acts_by_model[m][layer])
-            if a.ndim != 3:
-                raise ValueError(f"{m}/{layer}: act must be (C, h, w), got shape {a.shape}")
-            ax = axes[i + offset, j]
-            _mosaic_axis(ax, tile_channels(a[:n], n, cell=32, pad=2))
-            if i == 0 and image is None:
-                ax.set_title(m, fontsize=10)
-            if j == 0:
-                ax.set_ylabel(
-                    f"{layer}\n{tuple(int(s) for s in a.shape)}",
-                    rotation=0,
-                    ha="right",
-                    va="center",
-                    fontsize=7,
-                )
-    if title:
-        fig.suptitle(title, fontsize=11)
+    if maps01 is not None:
+        cam_colorbar(fig, scale, ax=list(axes))
+    width = int(11 * (2.6 * cols + 0.8))  # characters that fit at 10 pt
+    lines = textwrap.wrap(title, width) + textwrap.wrap(scale.title(), width)
+    fig.suptitle("\n".join(lines), fontsize=10)
     return fig
 
 
 def atlas_comparison(
     image: Any,
     rows: Mapping[str, tuple[Mapping[str, Any], Mapping[str, bool]]],
+    scale: CamScale,
     title: str = "",
-    colorbar_label: str | None = None,
 ) -> Figure:
     """Grad-CAM of every layer for several (model, class) rows of one image, one scale.
 
     The image sits at the left; each row is one model's map for one class (e.g.
     ``good: dog``), one column per layer in network order. Maps are drawn as given
-    (``[0, 1]``, fixed colour limits), so on maps normalised by one shared scale a
-    weak model's weak evidence looks weak. All-zero maps are flagged in text.
+    (``[0, 1]``, fixed colour limits): on an absolute or per-layer scale shared by
+    the models a weak model's weak evidence looks weak. On the per-layer scale each
+    column's top value is written under it.
 
     Args:
         image: ``(3, H, W)`` in ``[0, 1]``.
         rows: ``row label -> (layer -> (H, W) map in [0, 1], layer -> all-zero flag)``;
             every row must have the same layers.
+        scale: How the maps were scaled; stated in the title and the colour bar.
         title: Figure title.
-        colorbar_label: When given, a 0..1 colour bar with this label (e.g. the shared
-            scale in physical units) is drawn at the right.
     """
-    labels = list(rows)
-    if not labels:
-        raise ValueError("atlas_comparison needs at least one row")
-    layers = list(rows[labels[0]][0])
-    if not layers:
-        raise ValueError("atlas_comparison needs at least one layer")
-    for lab in labels[1:]:
-        if list(rows[lab][0]) != layers:
-            raise ValueError(f"row {lab!r} has layers {list(rows[lab][0])}, not {layers}")
-    n_rows, cols = len(labels), len(layers)
-    extra = 0.35 if colorbar_label else 0.0
-    fig = _figure(1.3 * (cols + 1.8) + extra * 3, 1.35 * n_rows + 0.9, constrained=False)
-    ratios = [1.4, 0.35] + [1.0] * cols + ([0.12] if colorbar_label else [])
-    grid = fig.add_gridspec(
-        n_rows, len(ratios), width_ratios=ratios, wspace=0.05, hspace=0.12, top=0.86
+    _check_rows(rows, "atlas_comparison")
+    cols = len(rows[next(iter(rows))][0])
+    fig = figure_agg(1.3 * (cols + 1.8) + 1.0, 1.35 * len(rows) + 1.2, constrained=False)
+    _cam_grid(
+        fig, image, rows, scale, {"wspace": 0.05, "hspace": 0.12, "top": 0.84, "bottom": 0.08}
     )
-    draw_overlay(fig.add_subplot(grid[:, 0]), image, None, "image")
-    for i, lab in enumerate(labels):
-        maps, zeros = rows[lab]
-        for j, layer in enumerate(layers):
-            ax = fig.add_subplot(grid[i, j + 2])
-            draw_overlay(
-                ax, image, maps[layer], layer if i == 0 else None, zero=zeros.get(layer), fontsize=7
-            )
-            if j == 0:
-                ax.set_ylabel(lab, fontsize=8)
-    if colorbar_label:
-        from matplotlib.cm import ScalarMappable
-        from matplotlib.colors import Normalize
-
-        cax = fig.add_subplot(grid[:, -1])
-        fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap="jet"), cax=cax)
-        cax.set_ylabel(colorbar_label, fontsize=8)
-        cax.tick_params(labelsize=7)
-    if title:
-        fig.suptitle(title, fontsize=11)
+    fig.suptitle(f"{title}\n{scale.title()}" if title else scale.title(), fontsize=10)
     return fig

@@ -9,9 +9,10 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from lightning_vgg.explain.atlas import Score, compute_atlas
+from lightning_vgg.explain.feature_plots import feature_map_grid, feature_overview
 from lightning_vgg.explain.hooks import Tap
 from lightning_vgg.explain.maps import Normalize, image_maps, normalize_maps, title_of
-from lightning_vgg.explain.plots import atlas_figure, feature_map_grid, feature_overview
+from lightning_vgg.explain.plots import atlas_figure
 from lightning_vgg.labels import CLASS_NAMES
 
 __all__ = ["feature_figures", "gradcam_figures"]
@@ -62,12 +63,12 @@ def gradcam_figures(
     maps = image_maps(
         model, images, names, [int(v) for v in labels], keep_activations=False, score=score
     )
-    normalize_maps(maps, normalize)
+    scale = normalize_maps(maps, normalize)
     figs: list[tuple[str, Figure]] = []
     for i, m in enumerate(maps):
         dog, cat = m.classes["dog"], m.classes["cat"]
         fig = atlas_figure(
-            m.image, dog.normalized, cat.normalized, dog.zero, cat.zero, title=title_of(m)
+            m.image, dog.normalized, cat.normalized, scale, dog.zero, cat.zero, title=title_of(m)
         )
         figs.append((f"{_stem(i, m.label, paths[i])}_atlas", fig))
     return figs

@@ -22,6 +22,7 @@ from lightning_vgg.explain.drawing import Done, figure_pool, write_image_files
 from lightning_vgg.explain.hooks import Tap
 from lightning_vgg.explain.inputs import Loaded, collect_images, load_inputs
 from lightning_vgg.explain.maps import Normalize, captum_agreement, image_maps, normalize_maps
+from lightning_vgg.explain.scales import CamScale
 from lightning_vgg.fileio import check_output_dir, output_dir, write_json
 from lightning_vgg.labels import CLASS_NAMES
 from lightning_vgg.models.loading import load_model_and_preprocess
@@ -64,7 +65,13 @@ def run_explain(
         split_file: A ``split.csv``; defaults to the one beside the checkpoint's run.
         stage: Feature maps after the ReLU (``post``, the seed's) or before (``pre``):
             the tap point of :func:`~lightning_vgg.explain.atlas.compute_atlas`.
-        normalize: Grad-CAM display scale: ``per_map`` or ``shared`` across layers.
+        normalize: Grad-CAM display scale (:mod:`~lightning_vgg.explain.scales`):
+            ``per_map`` (each map to its own maximum: where, not how much),
+            ``shared`` (one absolute scale for all layers and both classes, in the
+            score's units per pixel) or ``per_layer`` (one scale per layer). Shared
+            scales are fitted to each batch of ``batch_size`` images (one image by
+            default); every figure states its scale and colour bar, and
+            ``explain.json`` records it per image.
         device: ``auto`` (GPU when there is one), ``cpu`` or ``cuda``.
         batch_size: Images per forward/backward pass. The default 1 makes each
             image's numbers independent of the other images given: bit-identical to
@@ -210,16 +217,16 @@ def _explain_all(
         x = torch.stack([c[1] for c in chunk])
         names = [c[0].name for c in chunk]
         maps = image_maps(model, x, names, [c[2] for c in chunk], tap=s.tap, score=s.score)
-        normalize_maps(maps, s.normalize)
+        scale = normalize_maps(maps, s.normalize)
         if s.check_captum:
             for layer, d in captum_agreement(model, x, maps, s.tap).items():
                 agreement[layer] = max(agreement.get(layer, 0.0), d)
         for (path, _, label), m in zip(chunk, maps, strict=True):
             name = _unique(f"{len(records) + len(pending):04d}_{path.stem}", used)
-            args = (m, folder / name, s.max_channels, s.overview_n, s.save_maps)
+            args = (m, folder / name, scale, s.max_channels, s.overview_n, s.save_maps)
             job = pool.submit(write_image_files, *args) if pool else Done(write_image_files(*args))
             zeros = {cls: c.zero for cls, c in m.classes.items()}
-            pending.append((path, label, name, m.prob_dog, zeros, job))
+            pending.append((path, label, name, m.prob_dog, zeros, scale, job))
         # Drawing is the slow part; keep at most two batches in flight.
         while len(pending) > 2 * s.batch_size or (pending and pending[0][-1].done()):
             records.append(_record(*pending.pop(0)))
@@ -279,6 +286,7 @@ def _record(
     folder: str,
     prob_dog: float,
     zeros: dict[str, dict[str, bool]],
+    scale: CamScale,
     job: Any,
 ) -> dict[str, Any]:
     """One image's ``explain.json`` entry, once its files are written."""
@@ -290,5 +298,6 @@ def _record(
         "prob_dog": prob_dog,
         "pred": CLASS_NAMES[int(prob_dog >= 0.5)],
         "zero_maps": {cls: sorted(k for k, v in z.items() if v) for cls, z in zeros.items()},
+        "scale": scale.as_json(),
         "files": {k: _prefix(folder, v) for k, v in files.items()},
     }

@@ -9,7 +9,7 @@ pictures:
 * both learning curves on one figure;
 * feature maps and Grad-CAM of every conv layer, for the same cat and dog photos,
   the two models side by side, Grad-CAM on one absolute scale shared by both;
-* the runs' misclassification galleries;
+* both models' most confident mistakes among the measured images, on one scale;
 * per-layer measures on ``n_per_class`` test cats and dogs: feature-map health
   (dead channels, spatial contrast, sparsity), Grad-CAM focus (entropy, top-10 %
   mass, all-zero maps), faithfulness (deletion/insertion AUC against random pixel
@@ -63,14 +63,19 @@ from lightning_vgg.report.runs import (
     RunInfo,
     TestImages,
     compare_inputs,
-    copy_galleries,
     load_test_images,
     read_run,
     read_test_split,
 )
 from lightning_vgg.report.schema import report_json
 from lightning_vgg.report.sections import TITLE, build_sections, intro
-from lightning_vgg.report.showcase import Showcase, compute_showcase
+from lightning_vgg.report.showcase import (
+    Gallery,
+    Showcase,
+    compute_galleries,
+    compute_showcase,
+    figure_scales,
+)
 from lightning_vgg.report.verdicts import Verdict, judge
 
 __all__ = ["REPORT_FILES", "run_compare"]
@@ -145,6 +150,7 @@ def _write_report(
     measures: Mapping[str, ModelMeasures],
     images: TestImages,
     showcase: Showcase | None,
+    galleries: list[Gallery],
     settings: CompareSettings,
     notes: Notes,
     verdict: Verdict,
@@ -154,7 +160,6 @@ def _write_report(
     with output_dir(out, "compare") as stage_dir:
         figdir = stage_dir / "figures"
         figdir.mkdir()
-        galleries = copy_galleries(runs, figdir)
         sections = build_sections(
             runs,
             measures,
@@ -171,7 +176,9 @@ def _write_report(
         write_text(stage_dir / "report.md", render_markdown(TITLE, head, sections))
         write_json(
             stage_dir / "measures.json",
-            report_json(runs, measures, images, settings, notes, verdict),
+            report_json(
+                runs, measures, images, settings, notes, verdict, figure_scales(showcase, galleries)
+            ),
         )
 
 
@@ -199,8 +206,8 @@ def run_compare(
     the test split in the good run's ``split.csv``. The report (``report.html``,
     self-contained; ``report.md`` with ``figures/``; ``measures.json``) holds both
     runs' results beside the seed's, their learning curves, feature maps and Grad-CAM
-    of every layer for ``show_per_class`` cats and dogs (Grad-CAM on one scale shared
-    by both models), the misclassification galleries, and per-layer measures:
+    of every layer for ``show_per_class`` cats and dogs (Grad-CAM on scales shared by
+    both models: one absolute, one per layer), misclassification galleries, and per-layer measures:
     feature-map health, Grad-CAM focus for the predicted class, deletion/insertion
     faithfulness against random maps, and the parameter-randomisation sanity check.
 
@@ -279,7 +286,13 @@ def run_compare(
     _refuse_same_checkpoint(ckpts, models)
     size = _input_size(models, ckpts)
     notes = Notes()
-    runs = {name: read_run(name, path) for name, path in ckpts.items()}
+    runs: dict[str, RunInfo] = {}
+    for name, path in ckpts.items():
+        with warnings.catch_warnings(record=True) as caught:  # into the report's notes too
+            warnings.simplefilter("always")
+            runs[name] = read_run(name, path)
+        for w in caught:
+            notes.warn(str(w.message))
     split, chosen = read_test_split(split_file, runs, n_per_class, notes)
     images = load_test_images(ckpts, split, chosen, size, notes)
     cats, dogs = images.counts()
@@ -305,9 +318,11 @@ def run_compare(
     if measures["bad"].layers != measures["good"].layers:  # pragma: no cover - both VGG16
         raise UserError("the two checkpoints have different conv layers")
     showcase = compute_showcase(models, images, images.shown(show_per_class), dev, score)
+    probs = {name: m.prob_dog for name, m in measures.items()}
+    galleries = compute_galleries(models, images, probs, measures["good"].layers[-1], dev, score)
     settings = CompareSettings(n_per_class, show_per_class, size, dev, opts)
     labels = [int(v) for v in images.labels]
     verdict = judge(measures, labels, seed)
-    _write_report(out, runs, measures, images, showcase, settings, notes, verdict)
+    _write_report(out, runs, measures, images, showcase, galleries, settings, notes, verdict)
     print(f"comparison report: {Path(out) / 'report.html'}")
     return Path(out)

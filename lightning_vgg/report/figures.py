@@ -10,13 +10,13 @@ rather than being drawn as zeros.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from lightning_vgg.fileio import save_figure
 from lightning_vgg.report.html import finite_or_none
@@ -110,8 +110,14 @@ def learning_curves(
                     label=f"{name} checkpoint (epoch {epoch})",
                 )
         ax.set_xlabel(EPOCH_LABEL)
+        lo, hi = ax.get_xlim()
+        if ax.lines and hi - lo < 3:  # too few epochs for integer ticks: widen to whole ones
+            mid = round((lo + hi) / 2)
+            ax.set_xlim(mid - 1.5, mid + 1.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("accuracy" if kind == "acc" else "loss")
+        if kind == "acc":
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.set_ylabel("accuracy" if kind == "acc" else "loss (binary cross-entropy)")
         ax.set_title(f"{'Accuracy' if kind == 'acc' else 'Loss'}{' — ' + title if title else ''}")
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -127,6 +133,7 @@ def measures_by_layer(
     cols: int = 3,
     title: str = "",
     bands: Bands | None = None,
+    percent: Collection[str] = (),
 ) -> Figure:
     """One panel per measure, the measure against layer depth, every run on one axis.
 
@@ -137,6 +144,7 @@ def measures_by_layer(
         cols: Panels per row.
         title: Figure title.
         bands: Bootstrap 95 % intervals, shaded around each run's line where given.
+        percent: Keys of fractions, drawn in percent from 0 (as the report's tables).
     """
     rows = math.ceil(len(panels) / cols)
     fig = _figure(4.3 * cols, 3.1 * rows + (0.4 if title else 0))
@@ -166,6 +174,10 @@ def measures_by_layer(
             fontsize=7,
         )
         ax.set_title(label, fontsize=9)
+        if key in percent:  # a share: no negative axis, percent as in the tables
+            top = max(ax.get_ylim()[1], 0.01)
+            ax.set_ylim(-0.02 * top, top)
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in axes[len(panels) :]:

@@ -100,24 +100,100 @@ def summarize(
     return out
 
 
+#: ``summary.json`` keys that belong to a ``test`` (not to the fit); a fit whose
+#: training changes the weights drops them, as the test then describes older weights.
+TEST_SUMMARY_KEYS = ("test_wall_time_s", "test_device", "test_checkpoint", "checkpoint")
+#: The test's numbers inside ``summary.json``'s ``metrics``.
+TEST_METRIC_KEYS = ("test_acc", "test_loss", "test_n_images", "test_n_skipped")
+
+
+def fit_wall_time(summary: Mapping[str, Any]) -> float | None:
+    """The fit's accumulated wall time in seconds, from a ``summary.json``.
+
+    Reads ``fit_wall_time_s``, else the ``wall_time_s`` of summaries written before the
+    fit's and the test's times were kept apart: the fit's time (after a ``test``, the
+    fit's time up to the tested checkpoint's save).
+    """
+    for key in ("fit_wall_time_s", "wall_time_s"):
+        v = summary.get(key)
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            return float(v)
+    return None
+
+
+def has_test_results(summary: Mapping[str, Any]) -> bool:
+    """Whether a ``summary.json`` holds the numbers of a ``test``."""
+    metrics = summary.get("metrics")
+    metrics = metrics if isinstance(metrics, Mapping) else {}
+    return any(metrics.get(k) is not None for k in TEST_METRIC_KEYS) or any(
+        summary.get(k) is not None for k in TEST_SUMMARY_KEYS
+    )
+
+
+def _seconds(v: float) -> str:
+    return f"{v:.1f} s" + (f" ({v / 60:.1f} min)" if v >= 120 else "")
+
+
+def _percent_or_number(key: str, v: Any) -> str:
+    if v is None or not isinstance(v, int | float) or not math.isfinite(v):
+        return "—"
+    return f"{v:.2%}" if key.endswith("_acc") else f"{v:.4f}"
+
+
 def summary_markdown(summary: Mapping[str, Any], reference: str | None = "good") -> str:
-    """A markdown table of the seed's metrics, with the seed's numbers beside them."""
+    """A markdown table of the seed's metrics, with the seed's numbers beside them.
+
+    Accuracies are percents with two decimals (the seed's too: ``SEED_RESULTS`` holds
+    fractions, as ours), losses plain numbers with four. Below the table: the run's
+    config, how many epochs (0-based, as in ``metrics.csv``), the fit's device and wall
+    time, and, after a ``test``, which checkpoint it evaluated and how long it took.
+    """
     ref = SEED_RESULTS.get(reference or "", {})
-
-    def shown(key: str, v: float | None) -> str:
-        return "—" if v is None else (f"{v:.2%}" if key == "test_acc" else f"{v:.4f}")
-
     values = summary.get("metrics", summary)
     rows = [
-        [label, shown(key, values.get(key)), *([shown(key, ref[key])] if ref else [])]
+        [
+            label,
+            _percent_or_number(key, values.get(key)),
+            *([_percent_or_number(key, ref[key])] if ref else []),
+        ]
         for key, label in SUMMARY_KEYS.items()
     ]
     table = markdown_table(["Metric", "This run", *(["Seed (Keras)"] if ref else [])], rows)
-    info = [
-        f"- {k}: {summary[k]}"
-        for k in ("config", "epochs", "device", "wall_time_s")
-        if summary.get(k) is not None
-    ]
+    info = []
+    if summary.get("config") is not None:
+        info.append(f"- config: {summary['config']}")
+    epochs = summary.get("epochs")
+    if isinstance(epochs, int):
+        numbered = f" (numbered 0–{epochs - 1}: epochs are 0-based, as in metrics.csv)"
+        info.append(f"- epochs: {epochs}{numbered if epochs > 0 else ''}")
+    if summary.get("device") is not None:
+        info.append(f"- device: {summary['device']}")
+    fit_s = fit_wall_time(summary)
+    if fit_s is not None:
+        info.append(f"- fit wall time: {_seconds(fit_s)}")
+    tested = summary.get("test_checkpoint")
+    if isinstance(tested, Mapping):
+        where = f"`{tested['path']}`" if tested.get("path") else "the weights in memory"
+        at = []
+        if tested.get("epoch") is not None:
+            at.append(f"saved after epoch {tested['epoch']} (0-based)")
+        if tested.get("global_step") is not None:
+            at.append(f"training step {tested['global_step']}")
+        info.append(f"- tested checkpoint: {where}" + (f", {', '.join(at)}" if at else ""))
+    elif summary.get("checkpoint"):
+        info.append(f"- tested checkpoint: `{summary['checkpoint']}`")
+    n_images = values.get("test_n_images")
+    if n_images is not None:
+        skipped = values.get("test_n_skipped")
+        info.append(
+            f"- test images: {n_images}" + (f" ({skipped} unreadable skipped)" if skipped else "")
+        )
+    test_s = summary.get("test_wall_time_s")
+    if isinstance(test_s, int | float):
+        info.append(f"- test wall time: {_seconds(float(test_s))}")
+    test_device = summary.get("test_device")
+    if test_device is not None and test_device != summary.get("device"):
+        info.append(f"- test device: {test_device}")
     return "\n".join([table, *(["", *info] if info else [])]) + "\n"
 
 
@@ -126,11 +202,17 @@ def write_run_outputs(
     summary: dict[str, Any],
     rows: Sequence[Mapping[str, Any]],
     reference: str | None,
+    history: bool = True,
 ) -> None:
-    """Write ``metrics.csv``, ``history.png``, ``summary.json`` and ``summary.md``."""
+    """Write ``metrics.csv``, ``history.png``, ``summary.json`` and ``summary.md``.
+
+    Args:
+        history: Redraw ``history.png`` (matplotlib: most of this function's time);
+            the other files are written in any case.
+    """
     run_dir = Path(run_dir)
     write_metrics_csv(run_dir / "metrics.csv", rows)
-    if rows:
+    if rows and history:
         from lightning_vgg.report.figures import learning_curves  # matplotlib: only when drawing
 
         figure = learning_curves({"": rows}, title=str(summary.get("config") or ""))

@@ -225,7 +225,10 @@ def layer_part_section(
     for m in spec.measures:
         flat = all(values[n][layer][m.key] == 0 for n in NAMES for layer in values[n])
         panels.append((m.key, m.label + (" — all zero, both models" if flat else "")))
-    figure = measures_by_layer(values, panels, title=spec.figure_title, bands=bands)
+    percent = {m.key for m in spec.measures if m.kind == "pct"}
+    figure = measures_by_layer(
+        values, panels, title=spec.figure_title, bands=bands, percent=percent
+    )
     blocks: _Blocks = [Para(f"{spec.text} {ci_words(seed)}")]
     blocks += [_measure_table(measures, verdict, spec.part, m) for m in spec.measures]
     blocks.append(Image(save(figure, f"measures_{spec.part}.png"), spec.alt))

@@ -9,7 +9,6 @@ collected in :class:`Notes` and shown at the top of the report.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,8 +21,13 @@ from torch import Tensor
 from lightning_vgg.checkpointing import read_checkpoint, run_dir_of_checkpoint
 from lightning_vgg.data.preprocess import Preprocess
 from lightning_vgg.errors import UserError
-from lightning_vgg.labels import CLASS_NAMES, SplitRow
-from lightning_vgg.report.history import SUMMARY_KEYS, read_metrics_csv, summarize
+from lightning_vgg.labels import SplitRow
+from lightning_vgg.report.history import (
+    SUMMARY_KEYS,
+    fit_wall_time,
+    read_metrics_csv,
+    summarize,
+)
 from lightning_vgg.report.html import finite_or_none
 
 __all__ = [
@@ -32,7 +36,6 @@ __all__ = [
     "TestImages",
     "checkpoint_words",
     "compare_inputs",
-    "copy_galleries",
     "load_test_images",
     "read_run",
     "read_test_split",
@@ -63,6 +66,13 @@ class RunInfo:
     #: The checkpoint's ``epoch`` (0-based, as in metrics.csv) and ``global_step``.
     ckpt_epoch: int | None = None
     ckpt_step: int | None = None
+    #: The fit's accumulated and the test's own wall time in seconds (``summary.json``;
+    #: the fit's falls back to the ``wall_time_s`` of older summaries).
+    fit_wall_time_s: float | None = None
+    test_wall_time_s: float | None = None
+    #: What the test numbers were measured on (``path``, ``epoch``, ``global_step``),
+    #: when ``summary.json`` says so.
+    test_checkpoint: dict[str, Any] | None = None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -81,7 +91,8 @@ def read_run(name: str, ckpt: str | Path) -> RunInfo:
 
     ``summary.json`` wins where it has a value (it holds the test numbers after
     ``test``); train/val values it lacks are computed from ``metrics.csv``, and test
-    values from ``test_metrics.json``. Missing values stay ``None``.
+    values from ``test_metrics.json``. Missing values stay ``None``. Warns when
+    ``summary.json`` says its test numbers are of another checkpoint than ``ckpt``.
     """
     ckpt = Path(ckpt)
     run_dir = run_dir_of_checkpoint(ckpt)
@@ -107,6 +118,11 @@ def read_run(name: str, ckpt: str | Path) -> RunInfo:
         metrics[key] = v if v is not None else finite_or_none(computed.get(key))
     raw = read_checkpoint(ckpt)
     epoch, step = raw.get("epoch"), raw.get("global_step")
+    tested = summary.get("test_checkpoint")
+    tested = dict(tested) if isinstance(tested, dict) else None
+    if tested is not None and metrics["test_acc"] is not None:
+        _check_tested_checkpoint(run_dir, ckpt, tested, epoch, step)
+    test_s = finite_or_none(summary.get("test_wall_time_s"))
     return RunInfo(
         name=name,
         ckpt=ckpt,
@@ -117,7 +133,26 @@ def read_run(name: str, ckpt: str | Path) -> RunInfo:
         sources=sources,
         ckpt_epoch=int(epoch) if isinstance(epoch, int) else None,
         ckpt_step=int(step) if isinstance(step, int) else None,
+        fit_wall_time_s=fit_wall_time(summary),
+        test_wall_time_s=test_s,
+        test_checkpoint=tested,
     )
+
+
+def _check_tested_checkpoint(
+    run_dir: Path, ckpt: Path, tested: Mapping[str, Any], epoch: Any, step: Any
+) -> None:
+    """Warn when the run's test numbers were measured on other weights than ``ckpt``'s."""
+    theirs = (tested.get("epoch"), tested.get("global_step"))
+    if None in theirs or not isinstance(epoch, int) or not isinstance(step, int):
+        return
+    if theirs != (epoch, step):
+        warnings.warn(
+            f"the test results in {run_dir / 'summary.json'} are of {tested.get('path')} "
+            f"(epoch {theirs[0]}, step {theirs[1]}), not of {ckpt} (epoch {epoch}, step "
+            f"{step}): test that checkpoint for its own numbers",
+            stacklevel=3,
+        )
 
 
 def checkpoint_words(run: RunInfo) -> str:
@@ -300,21 +335,3 @@ def load_test_images(
         skipped=skipped,
         preprocess=pre,
     )
-
-
-def copy_galleries(runs: Mapping[str, RunInfo], figdir: Path) -> dict[str, list[str]]:
-    """Copy each run's misclassification galleries beside the report.
-
-    Returns:
-        ``run name -> classes copied`` (``cat``, ``dog``), in the order found; an
-        empty list where ``test`` has not drawn them yet.
-    """
-    found: dict[str, list[str]] = {}
-    for name, run in runs.items():
-        found[name] = []
-        for cls in CLASS_NAMES:
-            src = run.run_dir / f"misclassified_{cls}.png"
-            if src.is_file():
-                shutil.copyfile(src, figdir / f"{name}_misclassified_{cls}.png")
-                found[name].append(cls)
-    return found

@@ -134,8 +134,10 @@ def report_json(
     settings: CompareSettings,
     notes: Sequence[str],
     verdict: Verdict,
+    figure_scales: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The whole ``measures.json``: both models, the settings, verdict, notes and images."""
+    """The whole ``measures.json``: both models, the settings, verdict, notes, images and
+    the Grad-CAM scales of the figures."""
     good = measures["good"]
     doc: dict[str, Any] = {n: _model_json(runs[n], measures[n], images) for n in SEED_ROWS}
     doc["settings"] = _settings_json(settings, images, good.faithfulness.steps)
@@ -152,4 +154,5 @@ def report_json(
     ]
     doc["skipped"] = [{"image": p, "reason": r} for p, r in images.skipped]
     doc["layers"] = good.layers
+    doc["figure_scales"] = dict(figure_scales or {})
     return clean(doc)

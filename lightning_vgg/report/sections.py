@@ -4,7 +4,8 @@ Every number has been measured and every map computed before these functions run
 (:mod:`~lightning_vgg.report.measuring`, :mod:`~lightning_vgg.report.showcase`); here
 they are only put into words, tables and figures, so the prose can be read and
 changed in one place without touching what is measured. Figures are drawn with
-:mod:`~lightning_vgg.report.figures` and :mod:`~lightning_vgg.explain.plots` and saved
+:mod:`~lightning_vgg.report.figures`, :mod:`~lightning_vgg.explain.plots` and
+:mod:`~lightning_vgg.explain.feature_plots` and saved
 through a :data:`~lightning_vgg.report.figures.SaveFigure`, which returns the link.
 """
 
@@ -13,7 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from lightning_vgg.explain.atlas import score_label
-from lightning_vgg.explain.plots import atlas_comparison, feature_comparison, overlay_label
+from lightning_vgg.explain.feature_plots import feature_comparison
+from lightning_vgg.explain.plots import atlas_comparison, gallery_figure, overlay_label
+from lightning_vgg.explain.scales import density_unit
+from lightning_vgg.labels import CLASS_NAMES
 from lightning_vgg.report.figures import SaveFigure, learning_curves
 from lightning_vgg.report.history import SEED_RESULTS, SEED_ROWS, SUMMARY_KEYS
 from lightning_vgg.report.html import (
@@ -36,7 +40,7 @@ from lightning_vgg.report.measured import (
 )
 from lightning_vgg.report.measuring import TARGET, CompareSettings, ModelMeasures
 from lightning_vgg.report.runs import RunInfo, TestImages, checkpoint_words
-from lightning_vgg.report.showcase import Showcase, Shown
+from lightning_vgg.report.showcase import GALLERY_K, VIEWS, Gallery, Showcase, Shown
 from lightning_vgg.report.verdicts import Verdict
 
 __all__ = [
@@ -79,10 +83,6 @@ def _score_words(score: str) -> str:
     return "probability" if score == "probability" else "logit (±logit)"
 
 
-def _unit(score: str) -> str:
-    return "probability" if score == "probability" else "logit"
-
-
 def _caption(shown: Shown) -> str:
     """``cat.1.jpg (true cat) — good: pred cat (p=0.91) ✓; bad: ...``."""
 
@@ -113,6 +113,15 @@ def intro(
 # --------------------------------------------------------------------------- sections
 
 
+def _wall_times(run: RunInfo) -> str:
+    """``812 s / 9 s``, from the run's summary.json (— when not recorded)."""
+
+    def seconds(v: float | None) -> str:
+        return MISSING if v is None else f"{v:,.0f} s"
+
+    return f"{seconds(run.fit_wall_time_s)} / {seconds(run.test_wall_time_s)}"
+
+
 def setup_section(runs: Mapping[str, RunInfo], verdict: Verdict, score: str) -> Section:
     """The checkpoints compared, their accuracy with intervals, and what is explained."""
     acc, d = verdict.accuracy, verdict.accuracy_difference
@@ -124,6 +133,7 @@ def setup_section(runs: Mapping[str, RunInfo], verdict: Verdict, score: str) -> 
                 "accuracy on the measured images [95% CI]",
                 *[ci_cell(acc[n].mean, acc[n].ci95, "pct") for n in NAMES],
             ],
+            ["wall time: fit / test", *[_wall_times(runs[n]) for n in NAMES]],
             [
                 "P(dog) over the measured images: std, max − min",
                 *[
@@ -223,9 +233,11 @@ def feature_maps_section(showcase: Showcase | None, save: SaveFigure) -> Section
         return Section("feature-maps", "Feature maps", [_NOTHING_SHOWN])
     blocks: list[Para | Table | Image | Section] = [
         Para(
-            f"The first {FEATURE_CHANNELS} channels of every conv layer, each channel "
-            "min-max scaled on its own (a dead channel is flat, darkest colour); the "
-            "same photo for both models."
+            f"Channels 0–{FEATURE_CHANNELS - 1} of every conv layer (after its ReLU), the "
+            "same photo for both models. Each channel is min-max scaled on its own, so a "
+            "pattern shows whatever its magnitude: brightness is not comparable between "
+            "channels, layers or models. A constant channel (dead, or saturated) is drawn "
+            "grey; the measures below count them."
         )
     ]
     for shown in showcase.images:
@@ -241,66 +253,94 @@ def feature_maps_section(showcase: Showcase | None, save: SaveFigure) -> Section
     return Section("feature-maps", "Feature maps", blocks)
 
 
+#: How the report introduces each Grad-CAM view.
+_VIEW_WORDS = {
+    "absolute": (
+        "One absolute scale for every layer, both models and both classes: the top of "
+        "the colour bar is {top:.3g} {unit} per input pixel (the 99th percentile of all "
+        "non-zero maps shown here). Weak evidence looks weak, so the two models' "
+        "amounts of evidence can be compared anywhere; deep layers spread their "
+        "evidence thin and can look dark."
+    ),
+    "per_layer": (
+        "One scale per layer, shared by both models and both classes (the 99th "
+        "percentile of that layer's non-zero maps; its value is under each column). "
+        "Deep layers stay readable and, within a column, the two models stay "
+        "comparable; columns are not comparable with each other."
+    ),
+}
+
+
 def gradcam_section(showcase: Showcase | None, score: str, save: SaveFigure) -> Section:
-    """Both classes' Grad-CAM of every layer, both models on one absolute scale."""
+    """Both classes' Grad-CAM of every layer, both models on shared scales, in two views."""
     title = "Grad-CAM of every layer"
     if showcase is None:
         return Section("gradcam", title, [_NOTHING_SHOWN])
-    scale, unit = showcase.scale, _unit(score)
+    unit = density_unit(score)
     blocks: list[Para | Table | Image | Section] = [
         Para(
             f"Grad-CAM of every layer for the dog score ({score_label(score, 'dog')}) and "
-            f"the cat score ({score_label(score, 'cat')}), both models on one absolute "
-            f"scale: 1.0 on the colour bar is {scale:.3g} {unit} per input pixel "
-            "(the 99th percentile of all non-zero maps shown here, both models), so weak "
-            'evidence looks weak. "all-zero map" marks layers with no evidence at all '
-            "for that class."
+            f"the cat score ({score_label(score, 'cat')}), in the score's units per input "
+            "pixel, both models always on one scale, never stretched per map. Two views: "
+            + " ".join(
+                f"{view.replace('_', '-').capitalize()}: "
+                + _VIEW_WORDS[view].format(top=showcase.scales[view].value, unit=unit)
+                for view in VIEWS
+            )
+            + ' "all-zero map" marks a layer with no evidence at all for that class '
+            "(drawn in the darkest colour)."
         )
     ]
     for shown in showcase.images:
         caption = _caption(shown)
-        rows = {
-            f"{n}: {cls}": (shown.maps[n].classes[cls].normalized, shown.maps[n].classes[cls].zero)
-            for n in NAMES
-            for cls in ("dog", "cat")
-        }
-        figure = atlas_comparison(
-            shown.maps["good"].image,
-            rows,
-            title=caption,
-            colorbar_label=f"× {scale:.3g} {unit} / pixel",
-        )
-        path = save(figure, f"gradcam_{shown.stem}.png")
-        blocks.append(Image(path, f"Grad-CAM atlas, {caption}", caption))
+        for view in VIEWS:
+            figure = atlas_comparison(
+                shown.maps["good"].image,
+                showcase.rows(shown, view),
+                showcase.scales[view],
+                title=caption,
+            )
+            path = save(figure, f"gradcam_{view}_{shown.stem}.png")
+            alt = f"Grad-CAM atlas ({view.replace('_', '-')} scale), {caption}"
+            blocks.append(Image(path, alt, f"{caption} — {view.replace('_', '-')} scale"))
     return Section("gradcam", title, blocks)
 
 
-def misclassified_section(
-    runs: Mapping[str, RunInfo], galleries: Mapping[str, Sequence[str]]
-) -> Section:
-    """The runs' own misclassification galleries, copied beside the report."""
-    blocks: list[Para | Table | Image | Section] = []
-    for n in NAMES:
-        for cls in galleries[n]:
-            other = "dogs" if cls == "cat" else "cats"
+def misclassified_section(galleries: Sequence[Gallery], score: str, save: SaveFigure) -> Section:
+    """Each model's most confident mistakes among the measured images, both on one scale."""
+    title = "Misclassification galleries"
+    if not galleries:
+        return Section("misclassified", title, [_NOTHING_SHOWN])
+    first = galleries[0]
+    blocks: list[Para | Table | Image | Section] = [
+        Para(
+            f"Per model and true class, its {GALLERY_K} most confident mistakes among the "
+            f"measured images, with the Grad-CAM of the class it predicted at {first.layer} "
+            "(where it looked to make the mistake). Both models' maps share one absolute "
+            f"scale: the top of the colour bar is {first.scale.value:.3g} "
+            f"{density_unit(score)} per input pixel. The runs' own galleries (over their "
+            "whole test split, each on its own scale) stay in their run folders."
+        )
+    ]
+    for g in galleries:
+        cname, other = CLASS_NAMES[g.true_class], CLASS_NAMES[1 - g.true_class]
+        if not g.names:
             blocks.append(
-                Image(
-                    f"figures/{n}_misclassified_{cls}.png",
-                    f"{n}: misclassified {cls}s",
-                    f"{n} run: true {cls}s it was most sure were {other}, with the "
-                    "Grad-CAM of its decision.",
-                )
+                Para(f"{g.model}: none of the {g.among} measured {cname}s was called {other}.")
             )
-        if not galleries[n]:
-            blocks.append(
-                Para(
-                    f"No misclassification gallery in {runs[n].run_dir} for the {n} run: "
-                    f"`lightning-vgg test --config <its config> --ckpt_path {runs[n].ckpt}` "
-                    "draws it.",
-                    note=True,
-                )
-            )
-    return Section("misclassified", "Misclassification galleries", blocks)
+            continue
+        captions = [
+            f"{name}\n{overlay_label(p, g.true_class)}"
+            for name, p in zip(g.names, g.prob_dog, strict=True)
+        ]
+        heading = (
+            f"{g.model}: true {cname}s most confidently called {other} "
+            f"(of {g.among} measured; Grad-CAM of {score_label(score, other)}, {g.layer})"
+        )
+        figure = gallery_figure(g.images, g.maps, captions, heading, g.scale)
+        path = save(figure, f"{g.model}_misclassified_{cname}.png")
+        blocks.append(Image(path, heading, heading))
+    return Section("misclassified", title, blocks)
 
 
 def build_sections(
@@ -308,7 +348,7 @@ def build_sections(
     measures: Mapping[str, ModelMeasures],
     accuracy: Mapping[str, float],
     showcase: Showcase | None,
-    galleries: Mapping[str, Sequence[str]],
+    galleries: Sequence[Gallery],
     score: str,
     save: SaveFigure,
     verdict: Verdict,
@@ -329,6 +369,6 @@ def build_sections(
         curves_section(runs, save),
         feature_maps_section(showcase, save),
         gradcam_section(showcase, score, save),
-        misclassified_section(runs, galleries),
+        misclassified_section(galleries, score, save),
         Section("measures", "Measures", list(measured)),
     ]
