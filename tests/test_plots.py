@@ -217,6 +217,18 @@ def test_every_gradcam_figure_names_its_scale_and_has_a_colour_bar(photo: torch.
     fig = P.atlas_comparison(
         photo, {"r": ({k: per_layer.normalize(k, d) for k, d in dens.items()}, zeros)}, per_layer
     )
+    # One layer alone on the per-layer scale: its top value, in physical units.
+    one = P.gradcam_overlay(
+        photo,
+        per_layer.normalize("block5_conv3", dens["block5_conv3"]),
+        "x",
+        per_layer,
+        layer="block5_conv3",
+    )
+    bar = next(ax for ax in one.axes if getattr(ax, "_colorbar", None) is not None)
+    assert bar.get_ylim()[1] == pytest.approx(per_layer.top("block5_conv3"))
+    assert "logit per input pixel" in bar.get_ylabel()
+    assert f"top = {per_layer.top('block5_conv3'):.3g} logit/pixel" in one.get_suptitle()
     notes = [ax.get_xlabel() for ax in fig.axes if ax.get_xlabel()]
     assert notes == [f"top {per_layer.top(k):.2g}" for k in dens]
 

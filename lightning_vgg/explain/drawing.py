@@ -60,6 +60,7 @@ def write_image_files(
                 f"{layer}, Grad-CAM of {score_label(m.score, cls)} — {title}",
                 scale,
                 zero=c.zero[layer],
+                layer=layer,
             )
             p = save_figure(fig, out / "gradcam" / f"{layer}_{cls}.png")
             files[f"gradcam_{cls}"][layer] = p.relative_to(out).as_posix()

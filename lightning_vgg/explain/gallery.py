@@ -108,7 +108,9 @@ def mistakes_figure(
     if images is not None and len(paths):
         dens = predicted_class_cams(model, images, layer, score)
         if scale is None:
-            scale = CamScale.fit("absolute", [(layer, d) for d in dens], density_unit(score))
+            scale = CamScale.fit(
+                "absolute", [(layer, d) for d in dens], density_unit(score), "this figure's maps"
+            )
         maps01 = gallery_maps(dens, layer, scale)
         images = images.cpu()
         captions = [

@@ -177,27 +177,39 @@ def draw_overlay(
     _no_ticks(ax)
 
 
-def cam_colorbar(fig: Figure, scale: CamScale, cax: Axes | None = None, ax: Any = None) -> None:
+def cam_colorbar(
+    fig: Figure,
+    scale: CamScale,
+    cax: Axes | None = None,
+    ax: Any = None,
+    layer: str | None = None,
+) -> None:
     """The colour bar of a Grad-CAM figure: ``scale``'s range and unit.
 
-    On the absolute scale its ticks are in the score's units per input pixel; on the
-    others they are fractions (of each map's maximum, or of each layer's scale).
+    On the absolute scale (and on a per-layer one in a figure of one ``layer``) its
+    ticks are in the score's units per input pixel; otherwise they are fractions (of
+    each map's maximum, or of each layer's scale).
     """
     bar = fig.colorbar(
-        ScalarMappable(Normalize(0.0, scale.colorbar_max()), cmap=CAM_CMAP),
+        ScalarMappable(Normalize(0.0, scale.colorbar_max(layer)), cmap=CAM_CMAP),
         cax=cax,
         ax=None if cax is not None else ax,
         shrink=1.0 if cax is not None else 0.85,
         pad=0.01,
     )
-    bar.set_label(scale.colorbar_label(), fontsize=7)
+    bar.set_label(scale.colorbar_label(layer), fontsize=7)
     bar.ax.tick_params(labelsize=7)
     # plain short numbers (no "1e-5" offset text floating above the bar)
     bar.formatter = FuncFormatter(lambda v, _: f"{v:.3g}")
 
 
 def gradcam_overlay(
-    image: Any, map01: Any, title: str, scale: CamScale, zero: bool | None = None
+    image: Any,
+    map01: Any,
+    title: str,
+    scale: CamScale,
+    zero: bool | None = None,
+    layer: str | None = None,
 ) -> Figure:
     """One image with its Grad-CAM: the photo, the overlay, and the map alone, with a colour bar.
 
@@ -207,6 +219,7 @@ def gradcam_overlay(
         title: Figure title (e.g. the layer name and :func:`overlay_label`).
         scale: How ``map01`` was scaled; stated in the title and the colour bar.
         zero: All-zero flag (inferred when ``None``); see :func:`draw_overlay`.
+        layer: The map's layer: on a per-layer scale, its top value is stated.
     """
     fig = figure_agg(10.0, 3.6)
     axes = fig.subplots(1, 3)
@@ -219,8 +232,8 @@ def gradcam_overlay(
         _flag_zero(axes[2], 8)
     axes[2].set_title("Grad-CAM alone", fontsize=8)
     _no_ticks(axes[2])
-    cam_colorbar(fig, scale, ax=list(axes))
-    fig.suptitle(f"{title}\n{scale.title()}", fontsize=9)
+    cam_colorbar(fig, scale, ax=list(axes), layer=layer)
+    fig.suptitle(f"{title}\n{scale.title(layer)}", fontsize=9)
     return fig
 
 

@@ -99,29 +99,42 @@ class CamScale:
             return normalize_per_map(density[None, None])[0][0, 0]
         return normalize_shared(density, self.top(layer))
 
-    def title(self) -> str:
-        """A line for a figure's title saying which scale its colours use."""
+    def title(self, layer: str | None = None) -> str:
+        """A line for a figure's title saying which scale its colours use.
+
+        ``layer``: the figure shows that one layer (a per-layer scale then reads as
+        an absolute one, with that layer's top value).
+        """
         across = f", shared by {self.across}" if self.across else ""
         if self.kind == "per_map":
             return "colour: each map ÷ its own maximum (where, not how much)"
         if self.kind == "absolute":
             return f"colour: one absolute scale{across}; top = {self.value:.3g} {self.unit}/pixel"
+        if layer is not None:
+            return (
+                f"colour: {layer}'s own scale{across}; "
+                f"top = {self.top(layer):.3g} {self.unit}/pixel"
+            )
         return (
             f"colour: one scale per layer{across} (top value under each column); "
             "compare within a column"
         )
 
-    def colorbar_label(self) -> str:
-        """The colour bar's label, with the unit."""
+    def colorbar_label(self, layer: str | None = None) -> str:
+        """The colour bar's label, with the unit (physical where one top value applies)."""
         if self.kind == "per_map":
             return "fraction of the map's own maximum"
-        if self.kind == "absolute":
+        if self.kind == "absolute" or layer is not None:
             return f"Grad-CAM, {self.unit} per input pixel"
         return "fraction of the layer's scale"
 
-    def colorbar_max(self) -> float:
-        """The colour bar's top value: physical on the absolute scale, else 1."""
-        return self.value if self.kind == "absolute" else 1.0
+    def colorbar_max(self, layer: str | None = None) -> float:
+        """The colour bar's top value: physical where one top value applies, else 1."""
+        if self.kind == "absolute":
+            return self.value
+        if self.kind == "per_layer" and layer is not None:
+            return self.top(layer)
+        return 1.0
 
     def column_note(self, layer: str) -> str:
         """Under a layer's column on the per-layer scale: what its top colour is."""

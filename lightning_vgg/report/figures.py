@@ -112,8 +112,8 @@ def learning_curves(
         ax.set_xlabel(EPOCH_LABEL)
         lo, hi = ax.get_xlim()
         if ax.lines and hi - lo < 3:  # too few epochs for integer ticks: widen to whole ones
-            mid = round((lo + hi) / 2)
-            ax.set_xlim(mid - 1.5, mid + 1.5)
+            first = max(0, round(lo))  # epochs start at 0: no tick at -1
+            ax.set_xlim(first - 0.5, first + 2.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if kind == "acc":
             ax.yaxis.set_major_formatter(PercentFormatter(1.0))
