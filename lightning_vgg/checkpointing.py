@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import io
 import pickle
 import re
 from collections.abc import Mapping
@@ -44,13 +43,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         if storage_options is not None:
             raise TypeError(f"storage_options are not supported by {type(self).__name__}")
-        # Serialise first: torch turns write errors into opaque RuntimeErrors, while a
-        # plain write reports ENOSPC/EACCES as the OSError that atomic_open explains.
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
         target = Path(path)
         with atomic_open(target, "wb") as handle:
-            handle.write(buffer.getbuffer())
+            # Straight into the temporary file: serialising a seed-size checkpoint
+            # (0.5-1 GB) into memory first made a second full copy, ~40% of a save.
+            sink = _KeepWriteError(handle)
+            try:
+                torch.save(checkpoint, sink)
+            except Exception:
+                if sink.error is None:
+                    raise
+                # torch reports a failed write as an opaque RuntimeError; the OSError
+                # (ENOSPC, EIO...) is what atomic_open explains, naming the file
+                raise sink.error from None
         _remove_leftovers(target)
 
     def load_checkpoint(
@@ -66,6 +71,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):
             return super().load_checkpoint(path, map_location, weights_only=True)
         return read_checkpoint(path, map_location or "cpu")
+
+
+class _KeepWriteError:
+    """A file to ``torch.save`` into that remembers the ``OSError`` of a failed write."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._handle.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self._handle.flush()
 
 
 def _remove_leftovers(target: Path) -> None:

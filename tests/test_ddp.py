@@ -29,17 +29,21 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import yaml
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.plugins.layer_sync import LayerSync
 from torch import nn
 
@@ -172,8 +176,17 @@ def test_ddp_config_is_the_seed_recipe_with_ddp(capsys: pytest.CaptureFixture[st
 
 
 # ------------------------------------------------------------------ end to end
-def _cli(tmp: Path, sub: str, name: str, source: Path, *extra: str, timeout: float = 120) -> None:
-    """``lightning-vgg SUB`` in a fresh interpreter, as a user (or torchrun) starts it."""
+def _cli(
+    tmp: Path,
+    sub: str,
+    name: str,
+    source: Path,
+    *extra: str,
+    timeout: float = 120,
+    expect: int = 0,
+) -> str:
+    """``lightning-vgg SUB`` in a fresh interpreter, as a user (or torchrun) starts it;
+    checks its exit status against ``expect`` and returns its stderr."""
     save = tmp / "runs"
     cmd = [
         sys.executable,
@@ -211,7 +224,8 @@ def _cli(tmp: Path, sub: str, name: str, source: Path, *extra: str, timeout: flo
             f"{name}: {sub} did not finish in {timeout:.0f} s; under DDP that is usually a "
             f"collective (e.g. trainer.log_dir) reached by rank 0 only\n{err[-4000:]}"
         )
-    assert proc.returncode == 0, f"{name} {sub} failed:\n{err[-4000:]}"
+    assert proc.returncode == expect, f"{name} {sub} exited {proc.returncode}:\n{err[-4000:]}"
+    return err
 
 
 def _fit(tmp: Path, name: str, source: Path, *extra: str, timeout: float = 120) -> Path:
@@ -298,6 +312,45 @@ def test_ddp_on_two_cpu_processes_matches_one_process(mini_zip: Path, tmp_path: 
     )
     diffs = _compare(single, ddp, atol=1e-4)
     print(f"DDP vs one process, max abs differences: {diffs} ({time.monotonic() - t0:.0f} s)")
+
+
+class NanOnRankOne(Callback):
+    """Rank 1's training loss of global step 7 reads NaN for the callbacks after this
+    one (the finite-loss guard among them); rank 0's stays finite."""
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_rank == 1 and trainer.global_step == 8:  # the step just taken: 7
+            outputs["loss"] = torch.tensor(float("nan"))
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_ddp_nan_loss_on_one_rank_stops_every_rank_at_that_step(
+    mini_zip: Path, tmp_path: Path
+) -> None:
+    """The guard reads the losses only now and then (no GPU sync per step); under DDP
+    every rank must still stop together, naming the same step, and not hang."""
+    err = _cli(
+        tmp_path,
+        "fit",
+        "nan",
+        mini_zip,
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        "--trainer.accelerator=cpu",
+        "--trainer.callbacks+=tests.test_ddp.NanOnRankOne",
+        expect=2,
+    )
+    where = r"at epoch 1, step 7 \(batch 1\); training stopped and "
+    assert re.search(rf"error: training loss became nan {where}", err), err
+    assert re.search(
+        rf"error: training loss became non-finite on another rank {where}the last", err
+    ), err
+    (run,) = (tmp_path / "runs" / "nan").glob("version_*")
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (0, 6)
 
 
 @pytest.mark.slow

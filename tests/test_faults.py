@@ -15,6 +15,7 @@ import csv
 import errno
 import hashlib
 import http.server
+import io
 import json
 import os
 import re
@@ -390,6 +391,54 @@ def test_local_checkpoints_do_not_detour_through_the_temp_folder(
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask, "a mode like any other result file"
 
 
+@pytest.mark.parametrize("room", [0, 100_000])
+def test_disk_full_while_streaming_a_checkpoint_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, room: int
+) -> None:
+    """Checkpoints stream straight into their temporary file (no second copy in
+    memory); a write that fails midway, where torch would only say ``unexpected pos``,
+    is still reported as the OSError, naming the file, and leaves the old one whole."""
+    from lightning_vgg import checkpointing
+
+    target = tmp_path / "ckpts" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"w": torch.arange(3)}, target)
+    before = digest(target)
+    real_open = checkpointing.atomic_open
+
+    class FillsUp:
+        def __init__(self, handle: Any) -> None:
+            self.handle, self.written = handle, 0
+
+        def write(self, data: Any) -> int:
+            if self.written + len(memoryview(data).cast("B")) > room:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.written += len(memoryview(data).cast("B"))
+            return self.handle.write(data)
+
+        def flush(self) -> None:
+            self.handle.flush()
+
+    @contextlib.contextmanager
+    def filling_open(path: Any, mode: str = "w", **kwargs: Any) -> Iterator[Any]:
+        with real_open(path, mode, **kwargs) as handle:
+            yield FillsUp(handle)
+
+    monkeypatch.setattr(checkpointing, "atomic_open", filling_open)
+    with pytest.raises(UserError) as info:
+        AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(1 << 20)}, target)
+    assert str(info.value) == f"cannot write {target}: No space left on device"
+    assert digest(target) == before
+    assert not leftovers(tmp_path)
+
+
+def test_streamed_checkpoint_has_the_bytes_of_one_serialised_in_memory(tmp_path: Path) -> None:
+    checkpoint = {"state_dict": {"w": torch.randn(1000), "b": torch.arange(7)}, "epoch": 4}
+    AtomicCheckpointIO().save_checkpoint(checkpoint, tmp_path / "a.ckpt")
+    buffer = io.BytesIO()  # how checkpoints were written before they were streamed
+    torch.save(checkpoint, buffer)
+    assert (tmp_path / "a.ckpt").read_bytes() == buffer.getvalue()
+
+
 @pytest.mark.parametrize("failure", ["EACCES", "ENOSPC"])
 def test_unwritable_or_full_output_is_a_user_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
@@ -460,24 +509,37 @@ def nan_at(monkeypatch: pytest.MonkeyPatch, epoch: int, batch: int) -> list[int]
     return steps
 
 
+@pytest.mark.parametrize("batch", [1, 0])
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(
-    work: Path, mini_zip: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    work: Path,
+    mini_zip: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    batch: int,
 ) -> None:
-    save = work / "nan"
-    nan_at(monkeypatch, epoch=1, batch=1)
+    """Batch 0: the guard reads the losses only at the epoch's last batch (no GPU sync
+    per step), yet names the first bad step, and nothing saved the NaN weights."""
+    save = work / f"nan{batch}"
+    steps = nan_at(monkeypatch, epoch=1, batch=batch)
     with pytest.raises(SystemExit) as exc:
         main(fit_args(save, work / "cache", "--trainer.max_epochs=3", source=mini_zip))
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert re.search(r"error: training loss became nan at epoch 1, step \d+ \(batch 1\)", err), err
+    want = rf"error: training loss became nan at epoch 1, step {steps[0]} \(batch {batch}\)"
+    assert re.search(want, err), err
     assert "Traceback" not in err
     run = only_run(save)
     assert str(run / "checkpoints" / "last.ckpt") in err
     last = load(run / "checkpoints" / "last.ckpt")
     assert (last["epoch"], last["global_step"]) == (0, STEPS_PER_EPOCH)
-    assert all(
-        torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point()
-    )
+    saved = sorted((run / "checkpoints").glob("*.ckpt"))
+    assert [p.name for p in saved] == ["best.ckpt", "last.ckpt"]
+    for path in saved:
+        ckpt = load(path)
+        assert ckpt["epoch"] == 0, path
+        assert all(
+            torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point()
+        ), path
     assert [int(r["epoch"]) for r in metric_rows(run)] == [0]
     assert not leftovers(save)
 

@@ -318,7 +318,9 @@ def warp_theta(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
-def warp_cv2(image: np.ndarray, params: AffineParams, out_size: int) -> np.ndarray:
+def warp_cv2(
+    image: np.ndarray, params: AffineParams, out_size: int, dst: np.ndarray | None = None
+) -> np.ndarray:
     """Resize and augment one image with a single ``cv2.warpAffine``: the fast CPU path.
 
     Differs from Keras on purpose, for speed: it resamples once, bilinearly, straight
@@ -331,6 +333,8 @@ def warp_cv2(image: np.ndarray, params: AffineParams, out_size: int) -> np.ndarr
         image: ``H x W x C`` uint8, any size.
         params: The augmentation.
         out_size: Output side.
+        dst: A buffer to write into (``out_size x out_size x C`` uint8, contiguous);
+            OpenCV allocates a new one if it does not fit. Use the return value.
 
     Returns:
         ``out_size x out_size x C`` uint8.
@@ -343,6 +347,7 @@ def warp_cv2(image: np.ndarray, params: AffineParams, out_size: int) -> np.ndarr
         np.ascontiguousarray(image),
         m_xy,
         (out_size, out_size),
+        dst=dst,
         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
         borderMode=cv2.BORDER_REPLICATE,
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -116,14 +118,43 @@ def _nearest_maps(h: int, w: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def resize_nearest_array(arr: np.ndarray, size: int) -> np.ndarray:
-    """PIL-exact NEAREST resize of an ``H x W x C`` array (``cv2.remap`` of PIL's picks)."""
+def resize_nearest_array(arr: np.ndarray, size: int, dst: np.ndarray | None = None) -> np.ndarray:
+    """PIL-exact NEAREST resize of an ``H x W x C`` array (``cv2.remap`` of PIL's picks),
+    into ``dst`` where it fits (use the return value)."""
     h, w = arr.shape[:2]
     if (h, w) == (size, size):
         return arr
     mx, my = _nearest_maps(h, w, size)
     use_one_thread()
-    return cv2.remap(arr, mx, my, cv2.INTER_NEAREST)
+    return cv2.remap(arr, mx, my, cv2.INTER_NEAREST, dst=dst)
+
+
+class _Scratch(threading.local):
+    """Reusable uint8 buffers for the batched fast path (one set per thread).
+
+    A fresh 150-200 KB array per image and step (resize output, RGBA warp output) is
+    above glibc's mmap threshold: page faults on every image, about a third of the
+    cost of the resize itself. A buffer is valid until the next call that asks for it.
+    """
+
+    def __init__(self) -> None:
+        self.bufs: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
+
+    def __call__(self, name: str, *shape: int) -> np.ndarray:
+        key = (name, shape)
+        buf = self.bufs.get(key)
+        if buf is None:
+            if len(self.bufs) >= 16:  # many source sizes (the real archive): start over
+                self.bufs.clear()
+            buf = self.bufs[key] = np.empty(shape, np.uint8)
+        return buf
+
+
+_SCRATCH = _Scratch()
+
+
+def _no_buffer(name: str, *shape: int) -> None:
+    return None
 
 
 ResizeMode = Literal["nearest", "bilinear", "antialias"]
@@ -143,30 +174,82 @@ def resize_pil(img: Any, size: int, resize: ResizeMode = "nearest") -> Any:
 
 
 def _load_fast(
-    path: str, size: int, resize: ResizeMode, params: AffineParams | None
+    path: str,
+    size: int,
+    resize: ResizeMode,
+    params: AffineParams | None,
+    scratch: _Scratch | None = None,
 ) -> tuple[np.ndarray, bool]:
     """The ``fast`` backend in OpenCV: ``(contiguous S x S x 3 uint8, True)``, or
     ``(decoded image, False)`` for the one case it leaves to PIL's resize (a
     downscaling eval resize: PIL's bilinear and Lanczos antialias, OpenCV's
-    ``INTER_LINEAR`` does not)."""
+    ``INTER_LINEAR`` does not).
+
+    With ``scratch`` (the batched path, :meth:`ImageFiles.__getitems__`) the steps
+    write into its reusable buffers, so the result is only valid until the next call,
+    and an augmented image comes back as the warp's ``S x S x 4`` RGBA (its first
+    three channels are the image; the caller splits them out). Same bytes either way.
+    """
     use_one_thread()
+    buf = _no_buffer if scratch is None else scratch
     arr = decode_rgb_array(path)
     h, w = arr.shape[:2]
     if params is not None:
         if resize == "nearest":  # Keras: PIL nearest resize, then the warp
-            arr = resize_nearest_array(arr, size)
+            arr = resize_nearest_array(arr, size, buf("rgb", size, size, 3))
         # else one bilinear warp straight from the source (fuses resize and warp).
         # Four channels: OpenCV's bilinear warpAffine is vectorised for 4, not 3.
-        rgba = warp_cv2(cv2.cvtColor(arr, cv2.COLOR_RGB2RGBA), params, size)
+        rgba_in = cv2.cvtColor(arr, cv2.COLOR_RGB2RGBA, dst=buf("rgba_in", *arr.shape[:2], 4))
+        rgba = warp_cv2(rgba_in, params, size, buf("rgba", size, size, 4))
+        if scratch is not None:
+            return rgba, True
         return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB), True
     if (h, w) == (size, size):
         return np.ascontiguousarray(arr), True
     if resize == "nearest":
-        return resize_nearest_array(arr, size), True
+        return resize_nearest_array(arr, size, buf("rgb", size, size, 3)), True
     if resize == "bilinear" and h <= size and w <= size:
         # upscaling: PIL's bilinear is the plain triangle filter (<= 1 level apart)
-        return cv2.resize(arr, (size, size), interpolation=cv2.INTER_LINEAR), True
+        out = buf("rgb", size, size, 3)
+        return cv2.resize(arr, (size, size), dst=out, interpolation=cv2.INTER_LINEAR), True
     return arr, False
+
+
+def _split_into(src: np.ndarray, out: np.ndarray, scratch: _Scratch) -> None:
+    """Write the first three channels of ``src`` (``S x S x C``, C = 3 or 4) into the
+    planes of ``out`` (``3 x S x S`` uint8, contiguous) with one ``cv2.split``: a
+    vectorised deinterleave, about 10 us for 224 x 224 (numpy's transposing copy is 5x
+    that)."""
+    planes = [out[0], out[1], out[2]]
+    if src.ndim == 3 and src.shape[2] == 4:
+        planes.append(scratch("alpha", *src.shape[:2]))
+    if src.ndim == 3 and src.shape[2] == len(planes) and src.shape[:2] == out.shape[1:]:
+        written = cv2.split(np.ascontiguousarray(src), planes)
+        # OpenCV hands back the very arrays it wrote into
+        if len(written) == len(planes) and all(
+            a is b for a, b in zip(written, planes, strict=False)
+        ):
+            return
+    # OpenCV allocated new planes instead of writing into the slots
+    np.copyto(out, src[..., :3].transpose(2, 0, 1))
+
+
+def _load_fast_planes(
+    path: str,
+    size: int,
+    resize: ResizeMode,
+    params: AffineParams | None,
+    out: np.ndarray,
+    scratch: _Scratch,
+) -> None:
+    """Write one image of the ``fast`` backend into ``out`` (``3 x S x S`` uint8): the
+    bytes of ``ImageFiles.load`` (or :func:`load_eval_image`), already as planes."""
+    arr, done = _load_fast(path, size, resize, params, scratch)
+    if not done:  # as load_eval_image: PIL's resize
+        from PIL import Image
+
+        arr = np.asarray(resize_pil(Image.fromarray(arr), size, resize), dtype=np.uint8)
+    _split_into(arr, out, scratch)
 
 
 def load_eval_image(
@@ -270,7 +353,7 @@ class ImageFiles(Dataset[Sample | None]):
 
         Returns:
             ``(3, S, S)`` uint8; on the ``fast`` backend a view of HWC memory, which
-            :func:`collate_skip_broken` stacks without a transposing copy.
+            :func:`collate_skip_broken` splits into the planes of a contiguous batch.
 
         Raises:
             ImageDecodeError: The file can no longer be decoded.
@@ -305,9 +388,211 @@ class ImageFiles(Dataset[Sample | None]):
             return x, self.labels[index], key, torch.from_numpy(theta)
         return x, self.labels[index], key
 
+    def __getitems__(self, items: Sequence[int | tuple[int, int]]) -> list[Sample | None]:
+        """A whole batch; the ``DataLoader`` calls this instead of ``__getitem__`` per item.
+
+        On the ``fast`` backend every image is decoded, resized or augmented and
+        written straight into its slot of one contiguous ``(N, 3, S, S)`` uint8 batch
+        (in shared memory inside a loader worker) through reusable buffers: no array
+        per image and step, and :func:`collate_skip_broken` has nothing left to copy.
+        The values are :meth:`load`'s. Other backends: ``__getitem__`` per item.
+        """
+        if self.encoded or self.backend != "fast" or not items:
+            return [self[item] for item in items]
+        slots = _SlotBatch.allocate(len(items), self.image_size)
+        out = slots.x.numpy()
+        for i, item in enumerate(items):
+            index, key = item if isinstance(item, tuple) else (item, item)
+            params = draw_params(self.cfg, self.seed, key) if self.augment else None
+            try:
+                _load_fast_planes(
+                    self.paths[index], self.image_size, self.resize, params, out[i], _SCRATCH
+                )
+            except (ImageDecodeError, OSError) as exc:
+                warnings.warn(f"skipping unreadable image {self.paths[index]}: {exc}", stacklevel=2)
+                slots.append(None)
+                continue
+            slots.append((slots.x[i], self.labels[index], key))
+        return slots
+
+
+def _layout(n: int, c: int, h: int, w: int) -> tuple[int, int]:
+    """Where a batch's int64 labels and keys start (in int64 elements, 8-byte aligned
+    after the ``N x C x H x W`` uint8 images) and the bytes of images + labels + keys."""
+    ints_at = -(-(n * c * h * w) // 8)
+    return ints_at, (ints_at + 2 * n) * 8
+
+
+def _batch_storage(n: int, c: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, C, H, W)`` uint8 images and ``(2, N)`` int64 (labels, keys) as views of one
+    storage, in shared memory when called in a loader worker (as ``default_collate``
+    does): the batch then crosses to the main process as one shared segment, one file
+    descriptor, instead of one per tensor (each costs a socket round trip in both
+    processes)."""
+    nbytes = _layout(n, c, h, w)[1]
+    if get_worker_info() is not None:
+        storage = torch.UntypedStorage._new_shared(nbytes)
+    else:
+        storage = torch.UntypedStorage(nbytes)
+    return _views(storage, n, c, h, w)
+
+
+def _views(
+    storage: torch.UntypedStorage, n: int, c: int, h: int, w: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    ints_at, _ = _layout(n, c, h, w)
+    x = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (n, c, h, w))
+    ints = torch.empty(0, dtype=torch.int64).set_(storage, ints_at, (2, n))
+    return x, ints
+
+
+#: A loader worker keeps at most this many shared batch buffers of one size...
+POOL_SLOTS = 4
+#: ... and at most this many bytes of them in all (a bigger batch is not pooled).
+POOL_BYTES = 32 << 20
+
+
+class _ShmPool:
+    """Shared-memory batch buffers that a loader worker reuses once the main process
+    has dropped every tensor of the batch it sent in one.
+
+    A fresh segment per batch, as ``default_collate`` makes, is allocated and zeroed
+    by the kernel (``fallocate``) and then faults in page by page as the worker writes
+    it: on the 2-core VM that was about 2.5 ms per 3 MB batch (20 x 224 px), as
+    much as decoding 20 images. A pooled buffer is written in place.
+
+    Reuse is safe by construction: each buffer ends with an int64 flag, set to 1 here
+    when the buffer is handed out and back to 0 by the main process only when the
+    last tensor or array on its memory is freed (:func:`_rebuild_pooled`). A buffer
+    whose flag is still 1 is never written; when none is free (a consumer keeping
+    batches, a batch lost at shutdown), the batch gets a fresh segment as before.
+    """
+
+    def __init__(self) -> None:
+        self.slots: dict[int, list[torch.UntypedStorage]] = {}
+        self.bytes = 0
+
+    def take(self, nbytes: int) -> torch.UntypedStorage | None:
+        """A free buffer of ``nbytes`` (+ its flag), flagged as in use; or None."""
+        slots = self.slots.setdefault(nbytes, [])
+        for storage in slots:
+            flag = _flag(storage)
+            if flag[0] == 0:
+                flag[0] = 1
+                return storage
+        size = nbytes + 8
+        if len(slots) >= POOL_SLOTS or self.bytes + size > POOL_BYTES:
+            return None
+        try:
+            storage = torch.UntypedStorage._new_shared(size)
+        except RuntimeError:  # /dev/shm full: the unpooled path says so if it fails too
+            return None
+        self.bytes += size
+        slots.append(storage)
+        _flag(storage)[0] = 1
+        return storage
+
+
+def _flag(storage: torch.UntypedStorage) -> np.ndarray:
+    """The in-use flag at the end of a pooled buffer, as a one-element int64 array."""
+    return torch.empty(0, dtype=torch.int64).set_(storage, storage.nbytes() // 8 - 1, (1,)).numpy()
+
+
+_POOL = _ShmPool()  # one per process; only loader workers use it
+
+
+class _PooledBatch(list):
+    """``[images, labels, keys]`` in a pooled buffer; pickled (worker to main process)
+    as the buffer plus its layout, rebuilt by :func:`_rebuild_pooled`."""
+
+    def __init__(self, storage: torch.UntypedStorage, shape: tuple[int, ...], m: int) -> None:
+        x, ints = _views(storage, *shape)
+        super().__init__([x[:m], ints[0, :m], ints[1, :m]])
+        self.storage, self.shape, self.m = storage, shape, m
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild_pooled, (self.storage, self.shape, self.m)
+
+
+class _Lease:
+    """Holds a pooled buffer in the main process; clears its flag when freed.
+
+    ``torch.from_numpy`` of an array whose base is the lease keeps the lease alive for
+    as long as any tensor, view or array shares that memory (all of them hold the
+    storage, the storage holds the array); when the last goes, so does the lease.
+    """
+
+    def __init__(self, arr: np.ndarray, flag: np.ndarray) -> None:
+        self.arr, self.flag = arr, flag
+        self.__array_interface__ = arr.__array_interface__
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter exit, numpy may be gone
+            self.flag[0] = 0  # the worker may now write this buffer again
+
+
+def _rebuild_pooled(
+    storage: torch.UntypedStorage, shape: tuple[int, ...], m: int
+) -> list[torch.Tensor]:
+    n, c, h, w = shape
+    ints_at, nbytes = _layout(n, c, h, w)
+    raw = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,)).numpy()
+    mem = torch.from_numpy(np.asarray(_Lease(raw, _flag(storage))))
+    x = mem[: n * c * h * w].view(n, c, h, w)
+    ints = mem[ints_at * 8 :].view(torch.int64).view(2, n)
+    return [x[:m], ints[0, :m], ints[1, :m]]
+
+
+class _SlotBatch(list):
+    """The samples :meth:`ImageFiles.__getitems__` returns: their images are already
+    the slots of one batch ``x``, with room for labels and keys (``ints``) behind it;
+    in a loader worker, in a pooled shared buffer when one is free (:class:`_ShmPool`)."""
+
+    x: torch.Tensor
+    ints: torch.Tensor
+    storage: torch.UntypedStorage | None
+
+    @classmethod
+    def allocate(cls, n: int, size: int) -> _SlotBatch:
+        slots = cls()
+        shape = (n, 3, size, size)
+        storage = None
+        if get_worker_info() is not None:
+            storage = _POOL.take(_layout(*shape)[1])
+        if storage is None:
+            slots.x, slots.ints = _batch_storage(*shape)
+        else:
+            slots.x, slots.ints = _views(storage, *shape)
+        slots.storage = storage
+        return slots
+
+    def collate(self) -> list[torch.Tensor] | None:
+        kept = [i for i, b in enumerate(self) if b is not None]
+        if not kept:
+            if self.storage is not None:
+                _flag(self.storage)[0] = 0  # nothing is sent: the buffer is free again
+            return None
+        m = len(kept)
+        for j, i in enumerate(kept):  # close the gaps of images that failed (j <= i)
+            if i != j:
+                self.x[j].copy_(self.x[i])
+        self.ints[0, :m] = torch.tensor([self[i][1] for i in kept])
+        self.ints[1, :m] = torch.tensor([self[i][2] for i in kept])
+        if self.storage is not None:
+            return _PooledBatch(self.storage, tuple(self.x.shape), m)
+        return [self.x[:m], self.ints[0, :m], self.ints[1, :m]]
+
 
 def collate_skip_broken(batch: list[Sample | None]) -> list[torch.Tensor] | None:
-    """Collate, dropping samples that failed to load; ``None`` if none are left."""
+    """Collate, dropping samples that failed to load; ``None`` if none are left.
+
+    The ``fast`` backend's batches (from :meth:`ImageFiles.__getitems__` or of HWC
+    images) are contiguous ``(N, 3, S, S)`` uint8 whose labels and keys share the
+    images' storage; ``CatsDogsDataModule.on_after_batch_transfer`` copies those two
+    out, so that keeping them does not keep the batch alive.
+    """
+    if isinstance(batch, _SlotBatch):
+        return batch.collate()
     good = [b for b in batch if b is not None]
     if not good:
         return None
@@ -329,18 +614,22 @@ def collate_skip_broken(batch: list[Sample | None]) -> list[torch.Tensor] | None
 
 
 def _collate_hwc(imgs: list[torch.Tensor], good: list[Sample]) -> list[torch.Tensor]:
-    """Stack ``(3, S, S)`` views of HWC images as ``(N, S, S, 3)``: a memcpy, where the
-    transposing stack into NCHW cost more than the JPEG decode. The batch is its
-    ``(N, 3, S, S)`` view (channels_last strides); it travels as uint8 and
-    ``on_after_batch_transfer`` makes it contiguous NCHW float32 in the same pass that
-    converts it, on the device."""
-    hwc = [im.permute(1, 2, 0) for im in imgs]
-    out = None
-    if get_worker_info() is not None:  # as default_collate: straight into shared memory
-        storage = hwc[0]._typed_storage()._new_shared(sum(x.numel() for x in hwc))
-        out = hwc[0].new(storage).resize_(len(hwc), *hwc[0].shape)
-    x = torch.stack(hwc, 0, out=out).permute(0, 3, 1, 2)
-    rest = [torch.tensor([b[1] for b in good]), torch.tensor([b[2] for b in good])]
+    """Batch ``(3, S, S)`` views of HWC images (``ImageFiles.load`` of the ``fast``
+    backend) as contiguous ``(N, 3, S, S)`` uint8: each image split into its planes
+    (:func:`_split_into`), labels and keys in the same storage (:func:`_batch_storage`).
+    The bytes of ``torch.stack(imgs)``, laid out so that the float conversion in the
+    main process reads and writes in order (a transposing conversion cost about 4x).
+    The ``DataLoader`` takes :meth:`ImageFiles.__getitems__` instead; this is for
+    lists of samples collated by hand."""
+    c, h, w = imgs[0].shape
+    x, ints = _batch_storage(len(imgs), c, h, w)
+    ints[0] = torch.tensor([b[1] for b in good])
+    ints[1] = torch.tensor([b[2] for b in good])
+    out = x.numpy()
+    use_one_thread()
+    for i, im in enumerate(imgs):
+        _split_into(im.permute(1, 2, 0).numpy(), out[i], _SCRATCH)
+    rest = [ints[0], ints[1]]
     if len(good[0]) > 3:
         rest.append(torch.stack([b[3] for b in good]))
     return [x, *rest]

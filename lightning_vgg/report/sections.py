@@ -256,14 +256,14 @@ def feature_maps_section(showcase: Showcase | None, save: SaveFigure) -> Section
 #: How the report introduces each Grad-CAM view.
 _VIEW_WORDS = {
     "absolute": (
-        "One absolute scale for every layer, both models and both classes: the top of "
+        "one absolute scale for every layer, both models and both classes: the top of "
         "the colour bar is {top:.3g} {unit} per input pixel (the 99th percentile of all "
         "non-zero maps shown here). Weak evidence looks weak, so the two models' "
         "amounts of evidence can be compared anywhere; deep layers spread their "
         "evidence thin and can look dark."
     ),
     "per_layer": (
-        "One scale per layer, shared by both models and both classes (the 99th "
+        "one scale per layer, shared by both models and both classes (the 99th "
         "percentile of that layer's non-zero maps; its value is under each column). "
         "Deep layers stay readable and, within a column, the two models stay "
         "comparable; columns are not comparable with each other."
@@ -281,7 +281,7 @@ def gradcam_section(showcase: Showcase | None, score: str, save: SaveFigure) -> 
         Para(
             f"Grad-CAM of every layer for the dog score ({score_label(score, 'dog')}) and "
             f"the cat score ({score_label(score, 'cat')}), in the score's units per input "
-            "pixel, both models always on one scale, never stretched per map. Two views: "
+            "pixel, both models always on one scale, never stretched per map. Two views. "
             + " ".join(
                 f"{view.replace('_', '-').capitalize()}: "
                 + _VIEW_WORDS[view].format(top=showcase.scales[view].value, unit=unit)
