@@ -5,7 +5,7 @@
 
 Runs ``lightning-vgg experiment --config configs/experiment_cpu.yaml`` (fit the cpu.yaml
 model and the seed's control, test both, compare), copies what the repository keeps into
-``results/cpu/`` (at most 5 MiB: figures over 240 KiB are downscaled), and writes
+``results/cpu/`` (at most 5 MiB: figures over 240 KiB get a 256-colour palette), and writes
 ``results/cpu/PROVENANCE.md`` / ``provenance.json`` (command, commit, machine, wall
 times). It then times the same model's training step alone (``torch.utils.benchmark``)
 and records end-to-end and model-only images per second in
@@ -91,7 +91,9 @@ def newest_run(root: Path) -> Path:
 
 
 def copy_small(src: Path, dst: Path) -> None:
-    """Copy a file; a PNG over MAX_FIGURE_BYTES is downscaled until it fits."""
+    """Copy a file; a PNG over MAX_FIGURE_BYTES is stored with a 256-colour palette at
+    full size (octree, no dither: a figure's flat colours and text stay sharp), and only
+    if that is still too big, downscaled until it fits."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if src.suffix.lower() != ".png" or src.stat().st_size <= MAX_FIGURE_BYTES:
         shutil.copyfile(src, dst)
@@ -100,10 +102,13 @@ def copy_small(src: Path, dst: Path) -> None:
 
     with Image.open(src) as img:
         img = img.convert("RGB")
-        scale = 0.8
+        scale = 1.0
         while True:
             w, h = int(img.width * scale), int(img.height * scale)
-            img.resize((w, h), Image.LANCZOS).save(dst, optimize=True)
+            small = img if scale == 1.0 else img.resize((w, h), Image.LANCZOS)
+            small.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(
+                dst, optimize=True
+            )
             if dst.stat().st_size <= MAX_FIGURE_BYTES or scale < 0.3:
                 return
             scale *= 0.8
@@ -222,8 +227,8 @@ def main() -> None:
         f"`{source['commit']}`{' (with uncommitted changes)' if source['dirty'] else ''}, on "
         f"{host['cpu']} with {host['cores']} cores and {host['memory_gib']} GiB, torch "
         f"{host['torch']}. Experiment wall time {wall:.0f} s; the good model's fit "
-        f"{fit_s:.0f} s for {epochs} epochs. Figures over {MAX_FIGURE_BYTES // 1024} KiB were "
-        "downscaled.\n",
+        f"{fit_s:.0f} s for {epochs} epochs. Figures over {MAX_FIGURE_BYTES // 1024} KiB are "
+        "stored with a 256-colour palette (downscaled only if still over).\n",
         encoding="utf-8",
     )
     size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
