@@ -8,11 +8,11 @@ from lightning_vgg.callbacks.figures import (
     GradCAMCallback,
     MisclassificationGallery,
 )
+from lightning_vgg.callbacks.guard import FiniteLossGuard
 from lightning_vgg.callbacks.predictions import PredictionCSV
 from lightning_vgg.callbacks.ranks import device_name, gather_to_all, local_log_dir, run_dir_of
 from lightning_vgg.callbacks.run import (
     EpochProgress,
-    FiniteLossGuard,
     RunArtifacts,
     StopWhenDataRunsOut,
 )
